@@ -1,0 +1,101 @@
+"""Grouping packed 3D tokens into (shifted) attention windows, and the relative position index.
+
+A stage's tokens are packed rows: integer coordinates ``coords`` (T, 3) in the stage grid (z, y, x)
+and a batch index ``batch`` (T,). Dense grids are the special case where every position is present.
+
+Swin's shifted windows (cyclic roll by -s, then a mask that separates wrapped tokens) partition the
+*unrolled* grid into windows that start at offset -(w - s): the window of a token along one axis is
+``floor((coord + w - s) / w)``. Grouping by that index needs neither roll nor mask, gives partial
+windows at both edges, and works unchanged when only some tokens are present (MAE visible tokens).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+Triple = tuple[int, int, int]
+
+
+def as_triple(value: int | Sequence[int]) -> Triple:
+    """Return ``value`` as a (z, y, x) triple of ints."""
+    if isinstance(value, int):
+        return (value, value, value)
+    values = tuple(int(v) for v in value)
+    if len(values) != 3:
+        raise ValueError(f"expected an int or three ints, got {value!r}")
+    return values  # type: ignore[return-value]
+
+
+def window_groups(
+    coords: Tensor, batch: Tensor, window_size: int | Sequence[int], shift: int | Sequence[int]
+) -> tuple[Tensor, Tensor]:
+    """Sort tokens by (batch, window) and return the group boundaries.
+
+    Args:
+        coords: (T, 3) integer token positions in the stage grid.
+        batch: (T,) integer batch index of every token.
+        window_size: window extent per axis (w).
+        shift: shift per axis (s, 0 <= s < w); 0 gives plain windows.
+
+    Returns:
+        order: (T,) int64 permutation that sorts tokens by group (stable: the input order is kept
+            inside a group).
+        cu_seqlens: (G + 1,) int32 offsets of the G non-empty groups in the sorted order.
+    """
+    w = torch.tensor(as_triple(window_size), device=coords.device, dtype=torch.long)
+    s = torch.tensor(as_triple(shift), device=coords.device, dtype=torch.long)
+    if bool((s < 0).any()) or bool((s >= w).any()):
+        raise ValueError(f"shift {tuple(s.tolist())} must lie in [0, window) for window {tuple(w.tolist())}")
+    if coords.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=coords.device), torch.zeros(
+            1, dtype=torch.int32, device=coords.device
+        )
+    cell = torch.div(coords.long() + (w - s), w, rounding_mode="floor")  # [T, 3], >= 0 for coords >= 0
+    extent = cell.amax(0) + 1
+    key = ((batch.long() * extent[0] + cell[:, 0]) * extent[1] + cell[:, 1]) * extent[2] + cell[:, 2]
+    order = torch.argsort(key, stable=True)
+    _, counts = torch.unique_consecutive(key[order], return_counts=True)
+    cu_seqlens = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=coords.device)
+    cu_seqlens[1:] = torch.cumsum(counts, 0)
+    return order, cu_seqlens
+
+
+def relative_position_index(delta: Tensor, window_size: int | Sequence[int]) -> Tensor:
+    """Row of the bias table for coordinate differences ``delta`` (..., 3), each in [-(w-1), w-1].
+
+    Every axis offset is shifted by w - 1 and the three are flattened in C order, which maps the
+    (2wz-1)(2wy-1)(2wx-1) possible offsets one to one onto the table rows.
+    """
+    wz, wy, wx = as_triple(window_size)
+    delta = delta.long()
+    return (
+        (delta[..., 0] + wz - 1) * ((2 * wy - 1) * (2 * wx - 1))
+        + (delta[..., 1] + wy - 1) * (2 * wx - 1)
+        + (delta[..., 2] + wx - 1)
+    )
+
+
+def bias_table_size(window_size: int | Sequence[int]) -> int:
+    """Number of distinct relative offsets (rows of the bias table) for a window."""
+    wz, wy, wx = as_triple(window_size)
+    return (2 * wz - 1) * (2 * wy - 1) * (2 * wx - 1)
+
+
+def official_to_correct_rows(window_size: int | Sequence[int]) -> Tensor:
+    """For each correct table row, the row the official nnFormer formula reads for the same offset.
+
+    The official code flattens offsets with multipliers (3wy - 1, 2wy - 1, 1), which sends several
+    offsets to one row (their issues #8 and #46). Gathering an official table with this index gives
+    the equivalent table in the correct layout, so loaded official weights behave exactly as upstream.
+    """
+    wz, wy, wx = as_triple(window_size)
+    offsets = torch.stack(
+        torch.meshgrid(
+            torch.arange(-(wz - 1), wz), torch.arange(-(wy - 1), wy), torch.arange(-(wx - 1), wx), indexing="ij"
+        ),
+        dim=-1,
+    ).reshape(-1, 3)
+    return (offsets[:, 0] + wz - 1) * (3 * wy - 1) + (offsets[:, 1] + wy - 1) * (2 * wy - 1) + offsets[:, 2] + wx - 1
