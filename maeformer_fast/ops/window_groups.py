@@ -94,8 +94,17 @@ def official_to_correct_rows(window_size: int | Sequence[int]) -> Tensor:
     wz, wy, wx = as_triple(window_size)
     offsets = torch.stack(
         torch.meshgrid(
-            torch.arange(-(wz - 1), wz), torch.arange(-(wy - 1), wy), torch.arange(-(wx - 1), wx), indexing="ij"
+            torch.arange(-(wz - 1), wz),
+            torch.arange(-(wy - 1), wy),
+            torch.arange(-(wx - 1), wx),
+            indexing="ij",
         ),
         dim=-1,
     ).reshape(-1, 3)
-    return (offsets[:, 0] + wz - 1) * (3 * wy - 1) + (offsets[:, 1] + wy - 1) * (2 * wy - 1) + offsets[:, 2] + wx - 1
+    return (
+        (offsets[:, 0] + wz - 1) * (3 * wy - 1)
+        + (offsets[:, 1] + wy - 1) * (2 * wy - 1)
+        + offsets[:, 2]
+        + wx
+        - 1
+    )

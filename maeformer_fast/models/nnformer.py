@@ -1,0 +1,254 @@
+"""nnFormer (Zhou et al., TPAMI 2024) over packed tokens, for any input size.
+
+The encoder is a module of its own returning per-stage features, so it serves as a backbone and as
+the MAE encoder; the decoder mirrors it with skip attention and transposed-conv upsampling.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.window_groups import Triple
+from .blocks import TransformerBlock
+from .config import NNFormerConfig, padded_size
+from .tokens import Tokens
+
+
+def channels_last_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    """LayerNorm over the channels of a (B, C, Z, Y, X) map."""
+    return norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
+def embedding_strides(patch_size: Triple) -> tuple[Triple, Triple]:
+    """Strides of the two strided embedding convs; their product is the patch size.
+
+    The official code halves the patch first (ACDC keeps the depth stride 1 where the patch is 1).
+    """
+    first = tuple(max(p // 2, 1) for p in patch_size)
+    second = tuple(p // f for p, f in zip(patch_size, first))
+    return first, second  # type: ignore[return-value]
+
+
+class ConvNormAct(nn.Module):
+    """3x3x3 conv, then optionally GELU + channel LayerNorm (official nnFormer ``project`` half)."""
+
+    def __init__(self, in_dim: int, out_dim: int, stride: Triple, activate: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(in_dim, out_dim, kernel_size=3, stride=stride, padding=1)
+        self.norm = nn.LayerNorm(out_dim) if activate else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, C_in, Z, Y, X) -> (B, C_out, Z/s, Y/s, X/s)."""
+        x = self.conv(x)
+        return x if self.norm is None else channels_last_norm(self.norm, F.gelu(x))
+
+
+class PatchEmbed(nn.Module):
+    """Four 3x3x3 convs (strided, 1, strided, 1) in -> E/2 -> E/2 -> E -> E, then LayerNorm."""
+
+    def __init__(self, in_channels: int, embed_dim: int, patch_size: Triple) -> None:
+        super().__init__()
+        first, second = embedding_strides(patch_size)
+        half = embed_dim // 2
+        self.layers = nn.ModuleList(
+            [
+                ConvNormAct(in_channels, half, first, activate=True),
+                ConvNormAct(half, half, (1, 1, 1), activate=True),
+                ConvNormAct(half, embed_dim, second, activate=True),
+                ConvNormAct(embed_dim, embed_dim, (1, 1, 1), activate=False),
+            ]
+        )
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x: Tensor) -> Tokens:
+        """x: (B, C_in, Z, Y, X), a multiple of the patch size -> dense tokens on the patch grid."""
+        for layer in self.layers:
+            x = layer(x)
+        tokens = Tokens.from_grid(x)
+        return tokens.with_features(self.norm(tokens.features))
+
+
+class Downsample(nn.Module):
+    """GELU -> LayerNorm -> Conv3d(C -> 2C, k3, s2, p1)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.reduction = nn.Conv3d(dim, 2 * dim, kernel_size=3, stride=2, padding=1)
+
+    def forward(self, tokens: Tokens) -> Tokens:
+        normed = tokens.with_features(self.norm(F.gelu(tokens.features)))
+        return Tokens.from_grid(self.reduction(normed.to_grid()))
+
+
+class Upsample(nn.Module):
+    """LayerNorm -> ConvTranspose3d(2C -> C, k2, s2)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * dim)
+        self.up = nn.ConvTranspose3d(2 * dim, dim, kernel_size=2, stride=2)
+
+    def forward(self, tokens: Tokens) -> Tensor:
+        """Dense tokens (B*Z*Y*X, 2C) -> (B, C, 2Z, 2Y, 2X)."""
+        return self.up(tokens.with_features(self.norm(tokens.features)).to_grid())
+
+
+def make_blocks(
+    config: NNFormerConfig, stage: int, drop_rates: list[float], skip_attention_first: bool
+) -> nn.ModuleList:
+    """The blocks of one stage: even blocks plain windows, odd blocks shifted by half a window."""
+    return nn.ModuleList(
+        [
+            TransformerBlock(
+                dim=config.stage_dim(stage),
+                num_heads=config.num_heads[stage],
+                window_size=config.window_sizes[stage],
+                shifted=i % 2 == 1,
+                mlp_ratio=config.mlp_ratio,
+                drop_path=drop_rates[i],
+                skip_attention=skip_attention_first and i == 0,
+                official_bias_index=config.official_bias_index,
+                backend=config.attention_backend,
+            )
+            for i in range(config.depths[stage])
+        ]
+    )
+
+
+def stage_drop_rates(config: NNFormerConfig) -> list[list[float]]:
+    """Stochastic depth rising linearly from 0 to ``drop_path_rate`` over all encoder blocks."""
+    total = sum(config.depths)
+    rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
+    starts = [sum(config.depths[:i]) for i in range(config.num_stages)]
+    return [rates[s : s + d] for s, d in zip(starts, config.depths)]
+
+
+class EncoderStage(nn.Module):
+    """Window-attention blocks, a LayerNorm for the stage output, and (but last) a downsampling."""
+
+    def __init__(self, config: NNFormerConfig, stage: int, drop_rates: list[float]) -> None:
+        super().__init__()
+        dim = config.stage_dim(stage)
+        self.blocks = make_blocks(config, stage, drop_rates, skip_attention_first=False)
+        self.norm = nn.LayerNorm(dim)
+        self.downsample = Downsample(dim) if stage < config.num_stages - 1 else None
+
+    def forward(self, tokens: Tokens) -> tuple[Tokens, Tokens | None]:
+        """Returns (normed stage output, input of the next stage or None at the last stage)."""
+        for block in self.blocks:
+            tokens = block(tokens)
+        out = tokens.with_features(self.norm(tokens.features))
+        return out, None if self.downsample is None else self.downsample(tokens)
+
+
+class NNFormerEncoder(nn.Module):
+    """Convolutional embedding and encoder stages; returns the normed features of every stage."""
+
+    def __init__(self, config: NNFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.patch_embed = PatchEmbed(config.in_channels, config.embed_dim, config.patch_size)
+        rates = stage_drop_rates(config)
+        self.stages = nn.ModuleList([EncoderStage(config, i, rates[i]) for i in range(config.num_stages)])
+
+    def forward_tokens(self, x: Tensor) -> list[Tokens]:
+        """x: (B, C_in, Z, Y, X), a multiple of the total stride -> per-stage dense tokens."""
+        tokens: Tokens | None = self.patch_embed(x)
+        outputs = []
+        for stage in self.stages:
+            out, tokens = stage(tokens)
+            outputs.append(out)
+        return outputs
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """x: (B, C_in, Z, Y, X) -> [(B, E * 2^i, Z_i, Y_i, X_i) for each stage i].
+
+        Inputs that are not a multiple of the total stride are zero-padded at the far end; the
+        features then cover the padded volume.
+        """
+        x = pad_to_multiple(x, self.config.total_stride)
+        return [t.to_grid() for t in self.forward_tokens(x)]
+
+
+class DecoderStage(nn.Module):
+    """Upsampling, skip attention with the encoder features, then window-attention blocks."""
+
+    def __init__(self, config: NNFormerConfig, stage: int, drop_rates: list[float]) -> None:
+        super().__init__()
+        self.upsample = Upsample(config.stage_dim(stage))
+        self.blocks = make_blocks(config, stage, drop_rates, skip_attention_first=True)
+
+    def forward(self, tokens: Tokens, skip: Tokens) -> Tokens:
+        """tokens: the stage below (dense); skip: the encoder output at this stage's resolution."""
+        up = Tokens.from_grid(self.upsample(tokens))
+        x = self.blocks[0](skip.with_features(up.features), skip=skip.features)
+        for block in self.blocks[1:]:
+            x = block(x)
+        return x
+
+
+class NNFormer(nn.Module):
+    """nnFormer segmentation network.
+
+    ``forward`` takes (B, C_in, Z, Y, X) of any size (padded internally to a multiple of the total
+    stride, output cropped back) and returns logits (B, classes, Z, Y, X); in training mode with deep
+    supervision it returns a list [full, 1/2, 1/4 resolution], the lower ones of size ceil(size / 2^i).
+    """
+
+    def __init__(self, config: NNFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = NNFormerEncoder(config)
+        rates = stage_drop_rates(config)
+        self.decoder = nn.ModuleList(
+            [DecoderStage(config, i, rates[i][::-1]) for i in range(config.num_stages - 2, -1, -1)]
+        )
+        head_stages = range(min(3, config.num_stages - 1)) if config.deep_supervision else range(1)
+        self.heads = nn.ModuleList(
+            [
+                nn.ConvTranspose3d(
+                    config.stage_dim(i), config.num_classes, config.patch_size, config.patch_size
+                )
+                for i in head_stages
+            ]
+        )
+        self.apply(init_weights)
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        size = x.shape[2:]
+        features = self.encoder.forward_tokens(pad_to_multiple(x, self.config.total_stride))
+        tokens = features[-1]
+        decoded = []
+        for stage in self.decoder:
+            tokens = stage(tokens, features[len(features) - 2 - len(decoded)])
+            decoded.append(tokens)
+        decoded = decoded[::-1]  # full resolution first
+        outputs = []
+        for level, (head, d) in enumerate(zip(self.heads, decoded)):
+            crop = [-(-s // 2**level) for s in size]  # ceil(size / 2^level): the input's extent there
+            outputs.append(head(d.to_grid())[:, :, : crop[0], : crop[1], : crop[2]])
+            if not (self.training and self.config.deep_supervision):
+                break
+        return outputs if len(outputs) > 1 else outputs[0]
+
+
+def pad_to_multiple(x: Tensor, multiple: Triple) -> Tensor:
+    """Zero-pad (B, C, Z, Y, X) at the far end of each axis to a multiple of ``multiple``."""
+    target = padded_size(tuple(x.shape[2:]), multiple)
+    pads = [t - s for t, s in zip(target, x.shape[2:])]
+    if not any(pads):
+        return x
+    return F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
+
+
+def init_weights(module: nn.Module) -> None:
+    """Truncated-normal linear weights (std 0.02) and zero biases, unit LayerNorms (Swin/nnFormer)."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
