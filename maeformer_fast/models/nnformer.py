@@ -6,18 +6,32 @@ the MAE encoder; the decoder mirrors it with skip attention and transposed-conv 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.masking import unit_corners
+from ..ops.sparse_conv import unit_block_conv3d
 from ..ops.window_groups import Triple
 from .blocks import TransformerBlock
 from .config import NNFormerConfig, padded_size
-from .tokens import Tokens
+from .tokens import Tokens, UnitLayout
 
 
-def channels_last_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
-    """LayerNorm over the channels of a (B, C, Z, Y, X) map."""
-    return norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+def conv_tokens(conv: nn.Conv3d, tokens: Tokens) -> Tokens:
+    """Apply a 3x3x3, padding-1 conv to tokens: densely on dense tokens, unit by unit on sparse ones."""
+    if tokens.units is None:
+        if not tokens.dense:
+            raise ValueError("sparse tokens need a unit layout for convolutions")
+        return Tokens.from_grid(conv(tokens.to_grid()))
+    units = tokens.units
+    start = units.corner * torch.tensor(units.size, device=units.corner.device)
+    out = unit_block_conv3d(
+        tokens.features, tokens.coords, tokens.batch, tokens.batch_size, tokens.grid,
+        units.batch, start, units.size, conv.weight, conv.bias, conv.stride,
+    )  # fmt: skip
+    grid = tuple(-(-g // s) for g, s in zip(tokens.grid, conv.stride))  # ceil: k3, padding 1
+    return Tokens.from_unit_features(out, units.downscaled(conv.stride), grid, tokens.batch_size)
 
 
 def embedding_strides(patch_size: Triple) -> tuple[Triple, Triple]:
@@ -31,17 +45,16 @@ def embedding_strides(patch_size: Triple) -> tuple[Triple, Triple]:
 
 
 class ConvNormAct(nn.Module):
-    """3x3x3 conv, then optionally GELU + channel LayerNorm (official nnFormer ``project`` half)."""
+    """3x3x3 conv, then optionally GELU + LayerNorm (one half of the official ``project`` module)."""
 
     def __init__(self, in_dim: int, out_dim: int, stride: Triple, activate: bool) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_dim, out_dim, kernel_size=3, stride=stride, padding=1)
         self.norm = nn.LayerNorm(out_dim) if activate else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C_in, Z, Y, X) -> (B, C_out, Z/s, Y/s, X/s)."""
-        x = self.conv(x)
-        return x if self.norm is None else channels_last_norm(self.norm, F.gelu(x))
+    def forward(self, tokens: Tokens) -> Tokens:
+        tokens = conv_tokens(self.conv, tokens)
+        return tokens if self.norm is None else tokens.with_features(self.norm(F.gelu(tokens.features)))
 
 
 class PatchEmbed(nn.Module):
@@ -61,11 +74,10 @@ class PatchEmbed(nn.Module):
         )
         self.norm = nn.LayerNorm(embed_dim)
 
-    def forward(self, x: Tensor) -> Tokens:
-        """x: (B, C_in, Z, Y, X), a multiple of the patch size -> dense tokens on the patch grid."""
+    def forward(self, tokens: Tokens) -> Tokens:
+        """Voxel tokens (C_in channels) -> tokens on the patch grid (E channels)."""
         for layer in self.layers:
-            x = layer(x)
-        tokens = Tokens.from_grid(x)
+            tokens = layer(tokens)
         return tokens.with_features(self.norm(tokens.features))
 
 
@@ -78,8 +90,7 @@ class Downsample(nn.Module):
         self.reduction = nn.Conv3d(dim, 2 * dim, kernel_size=3, stride=2, padding=1)
 
     def forward(self, tokens: Tokens) -> Tokens:
-        normed = tokens.with_features(self.norm(F.gelu(tokens.features)))
-        return Tokens.from_grid(self.reduction(normed.to_grid()))
+        return conv_tokens(self.reduction, tokens.with_features(self.norm(F.gelu(tokens.features))))
 
 
 class Upsample(nn.Module):
@@ -153,9 +164,33 @@ class NNFormerEncoder(nn.Module):
         rates = stage_drop_rates(config)
         self.stages = nn.ModuleList([EncoderStage(config, i, rates[i]) for i in range(config.num_stages)])
 
+    def unit_grid(self, size: Triple) -> Triple:
+        """Mask units per axis for an input of ``size`` voxels (a multiple of the total stride)."""
+        stride = self.config.total_stride
+        if any(s % t for s, t in zip(size, stride)):
+            raise ValueError(f"input size {tuple(size)} is not a multiple of the mask unit {stride}")
+        return tuple(s // t for s, t in zip(size, stride))  # type: ignore[return-value]
+
     def forward_tokens(self, x: Tensor) -> list[Tokens]:
         """x: (B, C_in, Z, Y, X), a multiple of the total stride -> per-stage dense tokens."""
-        tokens: Tokens | None = self.patch_embed(x)
+        return self.forward_stages(self.patch_embed(Tokens.from_grid(x)))
+
+    def forward_visible(self, x: Tensor, visible_ids: Tensor) -> list[Tokens]:
+        """Visible-only encoding for MAE: no layer computes a masked position.
+
+        Args:
+            x: (B, C_in, Z, Y, X) crops, a multiple of the total stride (masked voxels are never read).
+            visible_ids: (B, K) flat indices of the visible mask units (see ``ops.masking``).
+
+        Returns:
+            Per-stage sparse tokens of the visible units; at the last stage one token per unit.
+        """
+        batch, corner = unit_corners(visible_ids, self.unit_grid(tuple(x.shape[2:])))
+        units = UnitLayout(batch, corner, self.config.total_stride)
+        return self.forward_stages(self.patch_embed(Tokens.from_units(x, units)))
+
+    def forward_stages(self, tokens: Tokens | None) -> list[Tokens]:
+        """Embedded tokens -> the normed output tokens of every stage."""
         outputs = []
         for stage in self.stages:
             out, tokens = stage(tokens)

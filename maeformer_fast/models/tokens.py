@@ -36,6 +36,32 @@ def stage_window(grid: Triple, window: Triple, shifted: bool) -> tuple[Triple, T
     return size, shift  # type: ignore[return-value]
 
 
+@dataclass(frozen=True)
+class UnitLayout:
+    """Visible mask units of a sparse stage.
+
+    Attributes:
+        batch: (N,) batch index of every visible unit.
+        corner: (N, 3) unit coordinates (z, y, x) in the unit grid.
+        size: tokens per unit per axis at this stage.
+    """
+
+    batch: Tensor
+    corner: Tensor
+    size: Triple
+
+    def downscaled(self, stride: Triple) -> UnitLayout:
+        """The same units after a strided layer."""
+        return UnitLayout(self.batch, self.corner, tuple(u // s for u, s in zip(self.size, stride)))
+
+    def token_positions(self) -> tuple[Tensor, Tensor]:
+        """Coordinates (N*prod(size), 3) and batch (N*prod(size),) of the units' tokens, unit by unit."""
+        local, _ = dense_positions(1, self.size, self.corner.device)  # [U, 3]
+        size = torch.tensor(self.size, device=self.corner.device)
+        coords = (self.corner[:, None, :] * size + local[None]).reshape(-1, 3)
+        return coords, self.batch.repeat_interleave(local.shape[0])
+
+
 @dataclass
 class Tokens:
     """Tokens of one stage for a batch of volumes.
@@ -48,6 +74,8 @@ class Tokens:
         batch_size: number of volumes B.
         dense: True when every grid position of every volume is present, in (b, z, y, x) C order;
             then ``features`` is a view of a (B, Z, Y, X, C) tensor.
+        units: for the sparse MAE encoder, the visible mask units; tokens are then stored unit by
+            unit, C order inside a unit.
     """
 
     features: Tensor
@@ -56,6 +84,7 @@ class Tokens:
     grid: Triple
     batch_size: int
     dense: bool
+    units: UnitLayout | None = None
     _groupings: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -66,10 +95,30 @@ class Tokens:
         coords, batch = dense_positions(b, (z, y, xx), x.device)
         return cls(features, coords, batch, (z, y, xx), b, dense=True)
 
+    @classmethod
+    def from_units(cls, x: Tensor, units: UnitLayout) -> Tokens:
+        """Sparse tokens: the positions of the visible ``units`` read from a (B, C, Z, Y, X) map."""
+        coords, batch = units.token_positions()
+        features = x[batch, :, coords[:, 0], coords[:, 1], coords[:, 2]]  # [T, C]
+        return cls(features, coords, batch, tuple(x.shape[2:]), x.shape[0], dense=False, units=units)
+
+    @classmethod
+    def from_unit_features(cls, features: Tensor, units: UnitLayout, grid: Triple, batch_size: int) -> Tokens:
+        """Sparse tokens from features (N*prod(units.size), C) stored unit by unit."""
+        coords, batch = units.token_positions()
+        return cls(features, coords, batch, grid, batch_size, dense=False, units=units)
+
     def with_features(self, features: Tensor) -> Tokens:
         """Same positions (and cached groupings), new features (T, C')."""
         return Tokens(
-            features, self.coords, self.batch, self.grid, self.batch_size, self.dense, self._groupings
+            features,
+            self.coords,
+            self.batch,
+            self.grid,
+            self.batch_size,
+            self.dense,
+            self.units,
+            self._groupings,
         )
 
     def to_grid(self) -> Tensor:
