@@ -1,0 +1,181 @@
+"""Training batches from a preprocessed cache: one interface, two backends (torch workers, DALI).
+
+Both backends draw the same samples (``sampling.CropSampler``): the batch of a step is a pure function
+of (seed, rank, step), so a run resumed with ``start_step=N`` continues with exactly the batches an
+uninterrupted run saw from step N, and ranks draw different samples.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .augment import apply_flips, apply_intensity
+from .cache import case_file, load_plan, open_case, select_cases
+from .sampling import AugmentConfig, BatchPlan, CropSampler, read_crop
+
+DEFAULT_BACKEND = "torch"  # chosen by benchmarks/test_bench_loaders.py, see data/README.md
+
+
+def make_loader(
+    cache_dir: str | Path,
+    crop_size: Sequence[int],
+    batch_size: int,
+    *,
+    labeled: bool = True,
+    cases: list[str] | None = None,
+    backend: str = DEFAULT_BACKEND,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    start_step: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    foreground_oversample: float = 0.33,
+    augment: bool = True,
+    num_workers: int | None = None,
+    augment_config: AugmentConfig | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Infinite iterator of training batches from the cache folder ``cache_dir``.
+
+    Each batch is a dict: ``"image"`` float32 (B, C, Z, Y, X) on ``device``; ``"label"`` int64
+    (B, Z, Y, X) on ``device`` (only when ``labeled``); ``"case_ids"`` list of B str; ``"step"`` int.
+    Crops of ``crop_size`` (z, y, x) are random, a ``foreground_oversample`` share of labeled samples
+    centred on a random foreground voxel; volumes smaller than the crop are zero-padded. ``augment``
+    adds random flips on all three axes and intensity augmentation (noise, brightness, contrast,
+    gamma). ``cases``: case ids to draw from (default all; all labeled ones if ``labeled``).
+    ``world_size`` is checked only: ranks differ through ``rank`` in the sample seeds.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world_size {world_size}")
+    if len(crop_size) != 3 or min(crop_size) < 1:
+        raise ValueError(f"crop_size must be 3 positive sizes (z, y, x), got {crop_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    plan = load_plan(cache_dir)
+    case_ids = select_cases(plan, cases, labeled)
+    shapes = [np.load(case_file(cache_dir, c, "image"), mmap_mode="r").shape[1:] for c in case_ids]
+    sampler = CropSampler(
+        cache_dir,
+        case_ids,
+        shapes,
+        tuple(crop_size),
+        batch_size,
+        labeled=labeled,
+        seed=seed,
+        rank=rank,
+        foreground_oversample=foreground_oversample,
+        augment=augment,
+        config=augment_config,
+    )
+    device = torch.device(device)
+    if backend == "torch":
+        return _torch_batches(sampler, labeled, device, start_step, num_workers)
+    if backend == "dali":
+        from .dali import dali_batches
+
+        return dali_batches(sampler, labeled, device, start_step, num_workers)
+    raise ValueError(f"backend must be 'torch' or 'dali', got {backend!r}")
+
+
+class _StepCrops(torch.utils.data.Dataset):
+    """Map-style dataset whose item ``step`` is the whole un-augmented batch of that step (numpy)."""
+
+    def __init__(self, sampler: CropSampler, labeled: bool) -> None:
+        self.sampler = sampler
+        self.labeled = labeled
+        self._open: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def __len__(self) -> int:  # never used for an infinite sampler, but Dataset wants one
+        return 2**62
+
+    def __getitem__(self, step: int) -> dict[str, Any]:
+        s = self.sampler
+        plan = s.plan(step)
+        images, labels = [], []
+        for case, start in zip(plan.cases.tolist(), plan.starts, strict=True):
+            if case not in self._open:  # memmaps opened lazily, so each worker opens its own
+                self._open[case] = open_case(s.cache_dir, s.case_ids[case], self.labeled)
+            image, label = self._open[case]
+            images.append(read_crop(image, start, s.crop_size))
+            if label is not None:
+                labels.append(read_crop(label, start, s.crop_size))
+        return {
+            "image": np.stack(images),
+            "label": np.stack(labels) if labels else None,
+            "plan": plan,
+            "step": step,
+        }
+
+
+class _Steps(torch.utils.data.Sampler):
+    """start_step, start_step + 1, ... forever."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.count(self.start)
+
+
+def _collate(item: dict[str, Any]) -> dict[str, Any]:
+    # Keep the BatchPlan's numpy arrays as they are; only the voxels become tensors (shared memory).
+    out = dict(item)
+    out["image"] = torch.from_numpy(item["image"])
+    out["label"] = None if item["label"] is None else torch.from_numpy(item["label"])
+    return out
+
+
+def default_num_workers() -> int:
+    """Loader worker processes: one per core up to 4 (crops are cheap; more only adds memory)."""
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _torch_batches(
+    sampler: CropSampler, labeled: bool, device: torch.device, start_step: int, num_workers: int | None
+) -> Iterator[dict[str, Any]]:
+    workers = default_num_workers() if num_workers is None else int(num_workers)
+    loader = torch.utils.data.DataLoader(
+        _StepCrops(sampler, labeled),
+        batch_size=None,
+        sampler=_Steps(start_step),
+        num_workers=workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    for item in loader:
+        yield finish_batch(item["image"], item["label"], item["plan"], sampler, device, item["step"])
+
+
+def finish_batch(
+    image: torch.Tensor,
+    label: torch.Tensor | None,
+    plan: BatchPlan,
+    sampler: CropSampler,
+    device: torch.device,
+    step: int,
+    flipped: bool = False,
+) -> dict[str, Any]:
+    """Move a batch to ``device`` and augment it there: image (B, C, Z, Y, X) float32, label
+    (B, Z, Y, X) any integer dtype -> int64. ``flipped``: flips were already applied (DALI)."""
+    image = image.to(device, non_blocking=True)
+    label = None if label is None else label.to(device, non_blocking=True).long()
+    if sampler.augment:
+        if not flipped:
+            image, label = apply_flips(image, label, torch.from_numpy(plan.flips))
+        image = apply_intensity(image, torch.from_numpy(plan.intensity), torch.from_numpy(plan.noise_seeds))
+    batch: dict[str, Any] = {
+        "image": image,
+        "case_ids": [sampler.case_ids[c] for c in plan.cases.tolist()],
+        "step": step,
+    }
+    if label is not None:
+        batch["label"] = label
+    return batch
