@@ -24,16 +24,28 @@ def add_commands(subparsers: Any) -> None:
     )
     p.add_argument("src", metavar="SRC", help="dataset folder")
     p.add_argument("out", metavar="OUT", help="cache folder to create or update")
-    p.add_argument("--spacing", type=_triple(float), default=None, metavar="Z,Y,X",
-                   help="target voxel spacing in mm, (z, y, x) order of the stored arrays "
-                        "(default: the dataset's median spacing)")
-    p.add_argument("--modality", default=None,
-                   help="override the channel modality from dataset.json: CT (clip to foreground "
-                        "0.5/99.5 percentiles + dataset z-score) or MRI (per-volume z-score)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: number of cores, at most 8)")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="leave bad cases out with a warning (listed in plan.json) instead of failing")
+    p.add_argument(
+        "--spacing",
+        type=_triple(float),
+        default=None,
+        metavar="Z,Y,X",
+        help="target voxel spacing in mm, (z, y, x) order of the stored arrays "
+        "(default: the dataset's median spacing)",
+    )
+    p.add_argument(
+        "--modality",
+        default=None,
+        help="override the channel modality from dataset.json: CT (clip to foreground "
+        "0.5/99.5 percentiles + dataset z-score) or MRI (per-volume z-score)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: number of cores, at most 8)"
+    )
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave bad cases out with a warning (listed in plan.json) instead of failing",
+    )
     p.set_defaults(func=_run_preprocess)
 
     m = subparsers.add_parser(
@@ -49,8 +61,9 @@ def add_commands(subparsers: Any) -> None:
     m.add_argument("out", metavar="OUT", help="folder to write the dataset to")
     m.add_argument("--labeled", type=int, default=24, help="number of labeled cases (imagesTr/labelsTr)")
     m.add_argument("--unlabeled", type=int, default=24, help="number of unlabeled cases (imagesTs)")
-    m.add_argument("--shape", type=_triple(int), default=(48, 64, 64), metavar="Z,Y,X",
-                   help="volume size in voxels")
+    m.add_argument(
+        "--shape", type=_triple(int), default=(48, 64, 64), metavar="Z,Y,X", help="volume size in voxels"
+    )
     m.add_argument("--classes", type=int, default=3, help="label classes including background (2-5)")
     m.add_argument("--seed", type=int, default=0, help="random seed")
     m.set_defaults(func=_run_phantoms)
@@ -74,8 +87,14 @@ def _run_preprocess(args: argparse.Namespace) -> int:
     from .preprocess import preprocess_dataset
 
     try:
-        out = preprocess_dataset(args.src, args.out, target_spacing=args.spacing, modality=args.modality,
-                                 workers=args.workers, skip_bad=args.skip_bad)
+        out = preprocess_dataset(
+            args.src,
+            args.out,
+            target_spacing=args.spacing,
+            modality=args.modality,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+        )
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -86,7 +105,13 @@ def _run_preprocess(args: argparse.Namespace) -> int:
 def _run_phantoms(args: argparse.Namespace) -> int:
     from .phantoms import make_phantoms
 
-    out = make_phantoms(args.out, num_labeled=args.labeled, num_unlabeled=args.unlabeled, shape=args.shape,
-                        num_classes=args.classes, seed=args.seed)
+    out = make_phantoms(
+        args.out,
+        num_labeled=args.labeled,
+        num_unlabeled=args.unlabeled,
+        shape=args.shape,
+        num_classes=args.classes,
+        seed=args.seed,
+    )
     print(f"phantom dataset: {out}")
     return 0

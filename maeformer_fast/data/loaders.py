@@ -53,14 +53,51 @@ def make_loader(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
+    sampler = make_sampler(
+        cache_dir,
+        crop_size,
+        batch_size,
+        labeled=labeled,
+        cases=cases,
+        seed=seed,
+        rank=rank,
+        foreground_oversample=foreground_oversample,
+        augment=augment,
+        augment_config=augment_config,
+    )
+    device = torch.device(device)
+    if backend == "torch":
+        return _torch_batches(sampler, labeled, device, start_step, num_workers)
+    if backend == "dali":
+        from .dali import dali_batches
+
+        return dali_batches(sampler, labeled, device, start_step, num_workers)
+    raise ValueError(f"backend must be 'torch' or 'dali', got {backend!r}")
+
+
+def make_sampler(
+    cache_dir: str | Path,
+    crop_size: Sequence[int],
+    batch_size: int,
+    *,
+    labeled: bool = True,
+    cases: list[str] | None = None,
+    seed: int = 0,
+    rank: int = 0,
+    foreground_oversample: float = 0.33,
+    augment: bool = True,
+    augment_config: AugmentConfig | None = None,
+) -> CropSampler:
+    """The CropSampler ``make_loader`` uses with the same arguments (its ``plan(step)`` tells which
+    crops, flips and intensity changes a step gets)."""
     if len(crop_size) != 3 or min(crop_size) < 1:
-        raise ValueError(f"crop_size must be 3 positive sizes (z, y, x), got {crop_size}")
+        raise ValueError(f"crop_size must be 3 positive sizes (z, y, x), got {tuple(crop_size)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plan = load_plan(cache_dir)
     case_ids = select_cases(plan, cases, labeled)
     shapes = [np.load(case_file(cache_dir, c, "image"), mmap_mode="r").shape[1:] for c in case_ids]
-    sampler = CropSampler(
+    return CropSampler(
         cache_dir,
         case_ids,
         shapes,
@@ -73,14 +110,6 @@ def make_loader(
         augment=augment,
         config=augment_config,
     )
-    device = torch.device(device)
-    if backend == "torch":
-        return _torch_batches(sampler, labeled, device, start_step, num_workers)
-    if backend == "dali":
-        from .dali import dali_batches
-
-        return dali_batches(sampler, labeled, device, start_step, num_workers)
-    raise ValueError(f"backend must be 'torch' or 'dali', got {backend!r}")
 
 
 class _StepCrops(torch.utils.data.Dataset):
