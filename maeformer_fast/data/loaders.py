@@ -190,16 +190,21 @@ def finish_batch(
     sampler: CropSampler,
     device: torch.device,
     step: int,
-    flipped: bool = False,
+    in_pipeline: bool = False,
 ) -> dict[str, Any]:
     """Move a batch to ``device`` and augment it there: image (B, C, Z, Y, X) float32, label
-    (B, Z, Y, X) any integer dtype -> int64. ``flipped``: flips were already applied (DALI)."""
+    (B, Z, Y, X) any integer dtype -> int64. ``in_pipeline``: flips and brightness were already
+    applied (DALI)."""
     image = image.to(device, non_blocking=True)
     label = None if label is None else label.to(device, non_blocking=True).long()
     if sampler.augment:
-        if not flipped:
+        intensity = torch.from_numpy(plan.intensity)
+        if in_pipeline:
+            intensity = intensity.clone()
+            intensity[:, 0] = 1.0
+        else:
             image, label = apply_flips(image, label, torch.from_numpy(plan.flips))
-        image = apply_intensity(image, torch.from_numpy(plan.intensity), torch.from_numpy(plan.noise_seeds))
+        image = apply_intensity(image, intensity, torch.from_numpy(plan.noise_seeds))
     batch: dict[str, Any] = {
         "image": image,
         "case_ids": [sampler.case_ids[c] for c in plan.cases.tolist()],
