@@ -1,0 +1,82 @@
+"""Saving and loading a pretrained nnFormer encoder as a backbone (safetensors + config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..weights import load_weights, save_weights
+from .config import NNFormerConfig
+from .nnformer import NNFormer, NNFormerEncoder
+
+ENCODER_FORMAT = "maeformer-encoder-v1"
+
+
+def save_encoder(path: str | Path, encoder: NNFormerEncoder, info: dict[str, Any] | None = None) -> Path:
+    """Write encoder weights with their model config (and optional run info) in the file's metadata."""
+    path = Path(path)
+    metadata = {"format": ENCODER_FORMAT, "model_config": encoder.config.to_dict(), "info": info or {}}
+    save_weights(path, encoder.state_dict(), metadata)
+    return path
+
+
+def read_encoder_file(path: str | Path) -> tuple[dict, NNFormerConfig, dict[str, Any]]:
+    """(state dict, model config, run info) of an encoder file, with clear errors for other files."""
+    tensors, metadata = load_weights(Path(path))
+    if metadata.get("format") != ENCODER_FORMAT:
+        raise ValueError(f"{path}: not a maeformer encoder file (metadata format {metadata.get('format')!r})")
+    return tensors, NNFormerConfig.from_dict(metadata["model_config"]), metadata.get("info", {})
+
+
+def load_encoder(path: str | Path, **config_overrides: Any) -> NNFormerEncoder:
+    """The pretrained nnFormer encoder of ``path``; ``encoder(x)`` returns per-stage feature maps.
+
+    Example (as a backbone under another decoder)::
+
+        encoder = load_encoder("runs/pretrain/encoder.safetensors")
+        features = encoder(volume)  # [(B, E * 2**i, Z / s_i, Y / s_i, X / s_i) for each stage i]
+    """
+    tensors, config, _ = read_encoder_file(path)
+    encoder = NNFormerEncoder(NNFormerConfig.from_dict({**config.to_dict(), **config_overrides}))
+    load_state_exact(encoder, tensors, path, allowed_missing=())
+    return encoder
+
+
+def load_state_exact(
+    model: nn.Module, tensors: dict, source: str | Path, allowed_missing: tuple[str, ...]
+) -> None:
+    """Load ``tensors`` into ``model``; only keys under ``allowed_missing`` prefixes may be missing,
+    nothing may be unexpected and shapes must match; otherwise a ValueError names the keys."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors and not k.startswith(allowed_missing)]
+    unexpected = [k for k in tensors if k not in expected]
+    mismatched = [
+        f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = [
+            f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+            for label, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("shape mismatch", mismatched),
+            )
+            if keys
+        ]
+        raise ValueError(f"{source}: weights do not fit the model ({'; '.join(parts)})")
+    model.load_state_dict(tensors, strict=False)
+
+
+def init_from_encoder(model: NNFormer, path: str | Path) -> dict[str, Any]:
+    """Initialise a segmentation nnFormer's encoder from an encoder file; the decoder/heads stay new.
+
+    The file's model config must describe the same encoder (a clear error otherwise).
+    """
+    tensors, config, info = read_encoder_file(path)
+    prefixed = {f"encoder.{k}": v for k, v in tensors.items()}
+    load_state_exact(model, prefixed, path, allowed_missing=("decoder.", "heads."))
+    return {"encoder_config": config.to_dict(), **info}

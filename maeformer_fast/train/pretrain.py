@@ -1,0 +1,225 @@
+"""MAE pretraining of the nnFormer encoder: ``pretrain(PretrainConfig) -> PretrainResult``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..models.config import get_config
+from ..models.mae import MaskedAutoencoder, expand_units, patchify, unpatchify
+from ..models.pretrained import save_encoder
+from ..ops.masking import random_unit_mask, visible_mask_grid
+from ..ops.window_groups import Triple
+from .checkpoint import CheckpointManager, unwrap
+from .distributed import barrier, init_distributed, mean_across_ranks, wrap_ddp
+from .optim import make_scheduler, param_groups, warmup_cosine
+from .previews import save_reconstruction_png
+from .runtime import (
+    CsvLog,
+    autocast,
+    check_finite,
+    derive_seed,
+    pick_device,
+    resolve_precision,
+    step_generator,
+)
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs; defaults train the small config at a CPU-feasible pace.
+
+    ``data`` is a raw dataset folder (Decathlon layout or plain NIfTI folder; preprocessed and cached
+    on first use) or an existing preprocessing cache. Labels, if any, are never read.
+    """
+
+    data: str
+    out: str
+    model: str = "small"
+    crop_size: Triple | None = None  # default: the model config's crop
+    mask_ratio: float = 0.75
+    encoder: str = "sparse"  # "sparse" (visible-only MAE) or "dense" (SimMIM-style baseline)
+    batch_size: int = 2
+    steps: int = 200
+    warmup_steps: int | None = None  # default: 5% of steps
+    lr: float = 5e-4
+    min_lr_ratio: float = 0.01
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    norm_pix_loss: bool = True
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    seed: int = 0
+    loader: str = "torch"
+    num_workers: int = 2
+    precision: str = "auto"
+    device: str = "auto"
+    checkpoint_every: int = 100
+    preview_every: int = 100
+    log_every: int = 10
+    resume: bool = False
+    cache_dir: str | None = None
+    model_overrides: dict = field(default_factory=dict)
+    progress: bool = True
+    deterministic: bool = False  # deterministic kernels: bit-exact resume (slower scatter backward)
+
+
+@dataclass
+class PretrainResult:
+    encoder_path: Path
+    out: Path
+    steps: int
+    final_loss: float
+    wall_time_s: float
+    log_path: Path
+    losses: list[float]
+
+
+def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
+    model_config = get_config(config.model, **config.model_overrides)
+    return MaskedAutoencoder(
+        model_config,
+        encoder_mode=config.encoder,
+        decoder_dim=config.decoder_dim,
+        decoder_depth=config.decoder_depth,
+        norm_pix_loss=config.norm_pix_loss,
+    )
+
+
+def pretrain(config: PretrainConfig) -> PretrainResult:
+    """Pretrain; resumes from ``out/checkpoints`` when ``config.resume`` and a checkpoint exists."""
+    from ..data import ensure_preprocessed, make_loader
+
+    device = pick_device(config.device)
+    torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
+    dist_info = init_distributed(device)
+    precision = resolve_precision(config.precision, device)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = ensure_preprocessed(config.data, config.cache_dir) if dist_info.is_main else None
+    barrier(dist_info)
+    cache = cache or ensure_preprocessed(config.data, config.cache_dir)
+
+    torch.manual_seed(config.seed)
+    model = build_mae(config).to(device)
+    crop = tuple(config.crop_size or model.config.crop_size)
+    unit_grid = model.encoder.unit_grid(crop)
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
+    scheduler = make_scheduler(
+        optimizer, lambda s: warmup_cosine(s, config.steps, warmup, config.min_lr_ratio)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    checkpoints = CheckpointManager(out / "checkpoints")
+
+    start_step = 0
+    latest = checkpoints.latest() if config.resume else None
+    if latest is not None:
+        state, meta = checkpoints.load(latest, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_step = meta["step"]
+    ddp_model = wrap_ddp(model, dist_info, device)
+    if dist_info.is_main:
+        (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    log = None
+    if dist_info.is_main:
+        fields = ["step", "loss", "lr", "voxels_per_s", "elapsed_s"]
+        log = CsvLog(out / "pretrain_log.csv", fields, resume_step=start_step if latest is not None else None)
+
+    loader = make_loader(
+        cache, crop, config.batch_size, labeled=False, backend=config.loader, device=device, seed=config.seed,
+        start_step=start_step, rank=dist_info.rank, world_size=dist_info.world_size,
+        num_workers=config.num_workers,
+    )  # fmt: skip
+    model.train()
+    losses: list[float] = []
+    started = time.perf_counter()
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="pretrain",
+               disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
+    for step in bar:
+        batch = next(loader)
+        # Stochastic depth draws from the global RNG: seeding it per (rank, step), after the loader
+        # (whose first call draws a worker seed), makes a resumed run repeat an uninterrupted one.
+        torch.manual_seed(derive_seed(config.seed, dist_info.rank, step, "train"))
+        images = batch["image"]
+        generator = step_generator(device, config.seed, dist_info.rank, step, "mask")
+        visible_ids = random_unit_mask(images.shape[0], unit_grid, config.mask_ratio, generator, device)
+        with autocast(precision, device):
+            loss, prediction = ddp_model(images, visible_ids)
+        check_finite(loss, step, batch.get("case_ids", []))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        done = step + 1
+        loss_value = mean_across_ranks(loss, dist_info).item()
+        losses.append(loss_value)
+        if dist_info.is_main:
+            elapsed = time.perf_counter() - started
+            voxels = math.prod(crop) * images.shape[0] * dist_info.world_size * (done - start_step)
+            bar.set_postfix(loss=f"{loss_value:.4f}", vox_s=f"{voxels / elapsed:,.0f}")
+            if done % config.log_every == 0 or done == config.steps:
+                log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{scheduler.get_last_lr()[0]:.3e}",
+                          voxels_per_s=f"{voxels / elapsed:.1f}", elapsed_s=f"{elapsed:.2f}")  # fmt: skip
+            if done % config.preview_every == 0 or done == config.steps:
+                save_preview(
+                    out / "previews" / f"step-{done:07d}.png", model, images, visible_ids, prediction
+                )
+        if dist_info.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
+            state = {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+            }
+            checkpoints.save(done, model, state, {"kind": "pretrain", "config": asdict(config)})
+    bar.close()
+
+    encoder_path = out / "encoder.safetensors"
+    if dist_info.is_main:
+        info = {"mask_ratio": config.mask_ratio, "steps": config.steps, "encoder_mode": config.encoder,
+                "data": str(config.data), "crop_size": list(crop)}  # fmt: skip
+        save_encoder(encoder_path, unwrap(model).encoder, info)
+    barrier(dist_info)
+    return PretrainResult(
+        encoder_path=encoder_path,
+        out=out,
+        steps=config.steps,
+        final_loss=losses[-1] if losses else float("nan"),
+        wall_time_s=time.perf_counter() - started,
+        log_path=out / "pretrain_log.csv",
+        losses=losses,
+    )
+
+
+@torch.no_grad()
+def save_preview(
+    path: Path,
+    model: MaskedAutoencoder,
+    images: torch.Tensor,
+    visible_ids: torch.Tensor,
+    prediction: torch.Tensor,
+) -> None:
+    """PNG of the first sample: input, visible units, and the reconstruction (visible units pasted)."""
+    unit = model.config.total_stride
+    unit_grid = model.encoder.unit_grid(tuple(images.shape[2:]))
+    target = patchify(images[:1].float(), unit)
+    predicted = prediction[:1].float()
+    if model.norm_pix_loss:  # undo the per-unit target normalisation with the true units' statistics
+        predicted = predicted * (target.var(-1, keepdim=True) + 1e-6).sqrt() + target.mean(-1, keepdim=True)
+    visible_units = visible_mask_grid(visible_ids[:1], unit_grid)
+    mixed = torch.where(visible_units.flatten(1)[..., None], target, predicted)
+    reconstruction = unpatchify(mixed, unit, unit_grid, images.shape[1])[0]
+    visible_voxels = expand_units(visible_units, unit)[0]
+    save_reconstruction_png(path, images[0], visible_voxels, reconstruction)

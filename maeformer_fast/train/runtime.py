@@ -1,0 +1,94 @@
+"""Run-time plumbing shared by the training commands: device, precision, seeds, logs, failures."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised when a loss is NaN or Inf, naming the step and the cases of the batch."""
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """ "auto" -> this rank's CUDA device when there is one, else CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """bf16 autocast by default on CUDA, fp32 on CPU; fp16 only on CUDA."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
+    return precision
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast context for a resolved precision (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (run seed, rank, step, purpose), stable across processes."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def step_generator(device: torch.device, *parts: object) -> torch.Generator:
+    """A generator on ``device`` seeded from ``parts``: per-step randomness that survives resuming."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derive_seed(*parts))
+    return generator
+
+
+def check_finite(loss: torch.Tensor, step: int, case_ids: list[str]) -> None:
+    if not torch.isfinite(loss).item():
+        raise NonFiniteLossError(
+            f"loss is {loss.item()} at step {step} (batch cases: {', '.join(case_ids) or 'unknown'}); "
+            "lower the learning rate, use fp32/bf16 instead of fp16, or check these cases for bad voxels"
+        )
+
+
+class CsvLog:
+    """Appends rows to a CSV file, writing the header once; survives resumed runs (truncates rows
+    after ``resume_step`` so a resumed run does not duplicate the steps it repeats)."""
+
+    def __init__(self, path: Path, fields: list[str], resume_step: int | None = None) -> None:
+        self.path = path
+        self.fields = fields
+        if resume_step is None or not path.exists():
+            with open(path, "w", newline="") as handle:
+                csv.writer(handle).writerow(fields)
+        else:
+            with open(path, newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+            with open(path, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fields)
+                writer.writeheader()
+                writer.writerows(rows)
+
+    def write(self, **row: object) -> None:
+        with open(self.path, "a", newline="") as handle:
+            csv.DictWriter(handle, self.fields).writerow(row)
+
+    def rows(self) -> Iterator[dict[str, str]]:
+        with open(self.path, newline="") as handle:
+            yield from csv.DictReader(handle)
