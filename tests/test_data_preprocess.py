@@ -279,6 +279,15 @@ def test_ensure_preprocessed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert ro.parent == tmp_path / "xdg" / "maeformer_fast" and ro.name.startswith("ph-")
 
 
+def test_read_only_folder_counts_as_read_only_even_for_root(tmp_path: Path) -> None:
+    src = make_phantoms(tmp_path / "shared" / "ph", num_labeled=1, num_unlabeled=0, shape=(8, 8, 8))
+    (tmp_path / "shared").chmod(0o555)  # root passes os.access; the mode bits still say read-only
+    try:
+        assert default_cache_dir(src).parent.name == "maeformer_fast"
+    finally:
+        (tmp_path / "shared").chmod(0o755)
+
+
 def test_cli_commands(tmp_path: Path) -> None:
     import argparse
 

@@ -64,7 +64,7 @@ def dali_batches(
                 )
                 tensors.append(t)
             label = tensors[1][:, 0] if labeled else None
-            yield finish_batch(tensors[0], label, plan, sampler, device, step + k, in_pipeline=True)
+            yield finish_batch(tensors[0], label, plan, sampler, device, step + k, done="flips+brightness")
         del pipe
         step += WINDOW
 

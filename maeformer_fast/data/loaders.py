@@ -115,9 +115,10 @@ def make_sampler(
 class _StepCrops(torch.utils.data.Dataset):
     """Map-style dataset whose item ``step`` is the whole un-augmented batch of that step (numpy)."""
 
-    def __init__(self, sampler: CropSampler, labeled: bool) -> None:
+    def __init__(self, sampler: CropSampler, labeled: bool, augment_here: bool) -> None:
         self.sampler = sampler
         self.labeled = labeled
+        self.augment_here = augment_here
         self._open: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
 
     def __len__(self) -> int:  # never used for an infinite sampler, but Dataset wants one
@@ -134,12 +135,11 @@ class _StepCrops(torch.utils.data.Dataset):
             images.append(read_crop(image, start, s.crop_size))
             if label is not None:
                 labels.append(read_crop(label, start, s.crop_size))
-        return {
-            "image": np.stack(images),
-            "label": np.stack(labels) if labels else None,
-            "plan": plan,
-            "step": step,
-        }
+        image_t = torch.from_numpy(np.stack(images))
+        label_t = torch.from_numpy(np.stack(labels)) if labels else None
+        if self.augment_here and s.augment:
+            image_t, label_t = augment_batch(image_t, label_t, plan)
+        return {"image": image_t, "label": label_t, "plan": plan, "step": step}
 
 
 class _Steps(torch.utils.data.Sampler):
@@ -152,35 +152,57 @@ class _Steps(torch.utils.data.Sampler):
         return itertools.count(self.start)
 
 
-def _collate(item: dict[str, Any]) -> dict[str, Any]:
-    # Keep the BatchPlan's numpy arrays as they are; only the voxels become tensors (shared memory).
-    out = dict(item)
-    out["image"] = torch.from_numpy(item["image"])
-    out["label"] = None if item["label"] is None else torch.from_numpy(item["label"])
-    return out
-
-
 def default_num_workers() -> int:
     """Loader worker processes: one per core up to 4 (crops are cheap; more only adds memory)."""
     return max(1, min(4, (os.cpu_count() or 2) - 1))
+
+
+def _identity(item: dict[str, Any]) -> dict[str, Any]:
+    return item  # the dataset already returns whole batches as tensors
 
 
 def _torch_batches(
     sampler: CropSampler, labeled: bool, device: torch.device, start_step: int, num_workers: int | None
 ) -> Iterator[dict[str, Any]]:
     workers = default_num_workers() if num_workers is None else int(num_workers)
+    # On a CPU "training device" the loader workers are that device: augmenting there runs in
+    # parallel with training, and each worker uses one torch thread (measured: torch's two intra-op
+    # threads on small crops in the main process, next to busy workers, ran ~20x slower).
+    on_cpu = device.type == "cpu"
     loader = torch.utils.data.DataLoader(
-        _StepCrops(sampler, labeled),
+        _StepCrops(sampler, labeled, augment_here=on_cpu),
         batch_size=None,
         sampler=_Steps(start_step),
         num_workers=workers,
-        collate_fn=_collate,
+        collate_fn=_identity,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
     )
     for item in loader:
-        yield finish_batch(item["image"], item["label"], item["plan"], sampler, device, item["step"])
+        yield finish_batch(
+            item["image"],
+            item["label"],
+            item["plan"],
+            sampler,
+            device,
+            item["step"],
+            done="all" if on_cpu else "none",
+        )
+
+
+def augment_batch(
+    image: torch.Tensor, label: torch.Tensor | None, plan: BatchPlan, skip_flips_brightness: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Flips and intensity augmentation of a batch (image (B, C, Z, Y, X), label (B, Z, Y, X)) on its
+    device, with the parameters of ``plan``. ``skip_flips_brightness``: DALI already applied those."""
+    intensity = torch.from_numpy(plan.intensity)
+    if skip_flips_brightness:
+        intensity = intensity.clone()
+        intensity[:, 0] = 1.0
+    else:
+        image, label = apply_flips(image, label, torch.from_numpy(plan.flips))
+    return apply_intensity(image, intensity, torch.from_numpy(plan.noise_seeds)), label
 
 
 def finish_batch(
@@ -190,21 +212,15 @@ def finish_batch(
     sampler: CropSampler,
     device: torch.device,
     step: int,
-    in_pipeline: bool = False,
+    done: str = "none",
 ) -> dict[str, Any]:
-    """Move a batch to ``device`` and augment it there: image (B, C, Z, Y, X) float32, label
-    (B, Z, Y, X) any integer dtype -> int64. ``in_pipeline``: flips and brightness were already
-    applied (DALI)."""
+    """Move a batch to ``device`` and finish its augmentation there: image (B, C, Z, Y, X) float32,
+    label (B, Z, Y, X) any integer dtype -> int64. ``done``: what was applied already -- "none",
+    "flips+brightness" (DALI pipeline) or "all" (CPU loader workers)."""
     image = image.to(device, non_blocking=True)
     label = None if label is None else label.to(device, non_blocking=True).long()
-    if sampler.augment:
-        intensity = torch.from_numpy(plan.intensity)
-        if in_pipeline:
-            intensity = intensity.clone()
-            intensity[:, 0] = 1.0
-        else:
-            image, label = apply_flips(image, label, torch.from_numpy(plan.flips))
-        image = apply_intensity(image, intensity, torch.from_numpy(plan.noise_seeds))
+    if sampler.augment and done != "all":
+        image, label = augment_batch(image, label, plan, skip_flips_brightness=done == "flips+brightness")
     batch: dict[str, Any] = {
         "image": image,
         "case_ids": [sampler.case_ids[c] for c in plan.cases.tolist()],

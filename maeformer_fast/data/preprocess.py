@@ -124,11 +124,20 @@ def default_cache_dir(src: str | Path) -> Path:
     """``<src>/../<name>_maeformer_cache``, or ``~/.cache/maeformer_fast/<name>-<hash>`` when the
     folder above ``src`` is not writable (e.g. a read-only shared dataset)."""
     src = Path(src).resolve()
-    if os.access(src.parent, os.W_OK):
+    if _writable(src.parent):
         return src.parent / f"{src.name}_maeformer_cache"
     digest = hashlib.sha1(str(src).encode()).hexdigest()[:10]
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "maeformer_fast" / f"{src.name}-{digest}"
+
+
+def _writable(folder: Path) -> bool:
+    # Root passes os.access on any folder, so a folder whose mode has no write bit (a shared,
+    # read-only dataset location) also counts as read-only.
+    try:
+        return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+    except OSError:
+        return False
 
 
 def ensure_preprocessed(src_or_cache: str | Path, cache_dir: str | Path | None = None, **kwargs: Any) -> Path:
