@@ -16,13 +16,14 @@ Backends:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .window_groups import relative_position_index
+from .window_groups import as_triple, relative_position_index
 
 BACKENDS = ("auto", "torch", "reference", "triton")
 
@@ -52,6 +53,33 @@ def window_attention_reference(
     return torch.cat(outputs)
 
 
+def _length_buckets(cu_seqlens: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Non-empty groups padded to power-of-two lengths, one entry per length L.
+
+    Returns (pos, valid) pairs: pos (n, L) token index of every slot (padding slots repeat the
+    group's first token, so gathers stay in bounds), valid (n, L) marks the real slots.
+    """
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = cu_seqlens[:-1].long()
+    nonempty = lengths > 0
+    lengths, starts = lengths[nonempty], starts[nonempty]
+    if lengths.numel() == 0:
+        return []
+    buckets = torch.pow(2, torch.ceil(torch.log2(lengths.double()))).long()
+    out = []
+    for bucket in torch.unique(buckets).tolist():
+        chosen = buckets == bucket
+        slot = torch.arange(bucket, device=cu_seqlens.device)
+        valid = slot[None, :] < lengths[chosen][:, None]  # [n, L]
+        out.append((starts[chosen][:, None] + torch.where(valid, slot[None, :], 0), valid))
+    return out
+
+
+def _bucket_bias_rows(coords: Tensor, pos: Tensor, window_size: int | Sequence[int]) -> Tensor:
+    c = coords[pos]  # [n, L, 3]
+    return relative_position_index(c[:, :, None, :] - c[:, None, :, :], window_size)  # [n, L, L]
+
+
 def window_attention_torch(
     q: Tensor,
     k: Tensor,
@@ -69,42 +97,196 @@ def window_attention_torch(
     (at most prod(window) tokens), which is all this op is for.
     """
     num_tokens, num_heads, _ = q.shape
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-    starts = cu_seqlens[:-1].long()
-    nonempty = lengths > 0
-    lengths, starts = lengths[nonempty], starts[nonempty]
-    if lengths.numel() == 0:
-        return q.new_zeros(num_tokens, num_heads, v.shape[2])
-    buckets = torch.pow(2, torch.ceil(torch.log2(lengths.double()))).long()
     token_ids, outputs = [], []
-    for bucket in torch.unique(buckets).tolist():
-        chosen = buckets == bucket
-        group_len = lengths[chosen]
-        slot = torch.arange(bucket, device=q.device)
-        valid = slot[None, :] < group_len[:, None]  # [n, L]
-        pos = starts[chosen][:, None] + torch.where(valid, slot[None, :], 0)  # [n, L]
-        c = coords[pos]  # [n, L, 3]
-        rows = relative_position_index(c[:, :, None, :] - c[:, None, :, :], window_size)  # [n, L, L]
+    for pos, valid in _length_buckets(cu_seqlens):
+        rows = _bucket_bias_rows(coords, pos, window_size)
         bias = bias_table[rows].permute(0, 3, 1, 2).to(q.dtype)  # [n, H, L, L]
         bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
         out = F.scaled_dot_product_attention(
-            q[pos].transpose(1, 2), k[pos].transpose(1, 2), v[pos].transpose(1, 2), attn_mask=bias, scale=scale
+            q[pos].transpose(1, 2),
+            k[pos].transpose(1, 2),
+            v[pos].transpose(1, 2),
+            attn_mask=bias,
+            scale=scale,
         )  # [n, H, L, D]
         outputs.append(out.transpose(1, 2)[valid])
         token_ids.append(pos[valid])
+    if not outputs:
+        return q.new_zeros(num_tokens, num_heads, v.shape[2])
     inverse = torch.empty(num_tokens, dtype=torch.long, device=q.device)
     order = torch.cat(token_ids)
     inverse[order] = torch.arange(order.numel(), device=q.device)
     return torch.cat(outputs)[inverse]
 
 
-def triton_available() -> bool:
-    """Whether the Triton backend can run here (CUDA, or CPU with TRITON_INTERPRET=1)."""
+def window_attention_torch_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    coords: Tensor,
+    cu_seqlens: Tensor,
+    bias_table: Tensor,
+    window_size: int | Sequence[int],
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Explicit gradients of :func:`window_attention_torch` (the custom op cannot run autograd inside).
+
+    Per bucket, in fp32: P = softmax(S), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
+    dQ = scale dS K, dK = scale dS^T Q, and the table gradient sums dS over the pairs of each row.
+    Returns dq, dk, dv (input dtypes) and the table gradient (table dtype).
+    """
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    dk = torch.zeros_like(k, dtype=torch.float32)
+    dv = torch.zeros_like(v, dtype=torch.float32)
+    dtable = torch.zeros_like(bias_table, dtype=torch.float32)
+    for pos, valid in _length_buckets(cu_seqlens):
+        rows = _bucket_bias_rows(coords, pos, window_size)
+        bias = bias_table.float()[rows].permute(0, 3, 1, 2)  # [n, H, L, L]
+        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+        qb, kb, vb = (t[pos].transpose(1, 2).float() for t in (q, k, v))  # [n, H, L, D]
+        probs = (qb @ kb.transpose(-1, -2) * scale + bias).softmax(-1)
+        # Padding query slots repeat a real token: give them no cotangent so they add nothing.
+        go = grad_out[pos].transpose(1, 2).float() * valid[:, None, :, None]
+        dp = go @ vb.transpose(-1, -2)
+        ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))  # [n, H, L, L]
+        real = pos[valid]
+        dq[real] = (ds @ kb * scale).transpose(1, 2)[valid]
+        dk[real] = (ds.transpose(-1, -2) @ qb * scale).transpose(1, 2)[valid]
+        dv[real] = (probs.transpose(-1, -2) @ go).transpose(1, 2)[valid]
+        pair = valid[:, :, None] & valid[:, None, :]  # [n, L, L]
+        dtable.index_add_(0, rows[pair], ds.permute(0, 2, 3, 1)[pair])
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtable.to(bias_table.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _triton_importable() -> bool:
+    # Constant for the process; the decorator lets torch.compile fold it instead of tracing an import.
     try:
-        from . import window_attention_triton  # noqa: F401
+        import triton  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def triton_available() -> bool:
+    """Whether the Triton backend can run here: triton imports, and CUDA is present or the
+    interpreter is on (``TRITON_INTERPRET=1``, CPU tensors, fp32 only, slow)."""
+    return _triton_importable() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+# Custom ops: torch.compile cannot trace the torch backend (its bucket sizes depend on data) nor the
+# Triton launches, so both hide behind opaque ops with fake implementations (shapes only) and an
+# autograd formula. Eager calls skip the ops: the torch backend then keeps its autograd graph instead
+# of recomputing the forward in backward.
+@torch.library.custom_op("maeformer::varlen_window_attention", mutates_args=())
+def _attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    coords: Tensor,
+    cu_seqlens: Tensor,
+    bias_table: Tensor,
+    window_size: list[int],
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Returns out (T, H, D) and, for the triton backend, the base-2 log-sum-exp (T, H) (else empty)."""
+    if backend == "triton":
+        from .window_attention_triton import triton_forward
+
+        return triton_forward(q, k, v, coords, cu_seqlens, bias_table, window_size, scale)
+    out = window_attention_torch(q, k, v, coords, cu_seqlens, bias_table, window_size, scale)
+    return out, q.new_empty(0, dtype=torch.float32)
+
+
+@_attention_op.register_fake
+def _attention_op_fake(q, k, v, coords, cu_seqlens, bias_table, window_size, scale, backend):
+    out = q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    lse_shape = (q.shape[0], q.shape[1]) if backend == "triton" else (0,)
+    return out, q.new_empty(lse_shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("maeformer::varlen_window_attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    coords: Tensor,
+    cu_seqlens: Tensor,
+    bias_table: Tensor,
+    window_size: list[int],
+    scale: float,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v and bias_table."""
+    if backend == "triton":
+        from .window_attention_triton import triton_backward
+
+        return triton_backward(
+            grad_out, q, k, v, out, lse, coords, cu_seqlens, bias_table, window_size, scale
+        )
+    return window_attention_torch_backward(
+        grad_out, q, k, v, coords, cu_seqlens, bias_table, window_size, scale
+    )
+
+
+@_attention_backward_op.register_fake
+def _attention_backward_op_fake(
+    grad_out, q, k, v, out, lse, coords, cu_seqlens, bias_table, window_size, scale, backend
+):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(bias_table)
+
+
+def _attention_op_setup_context(ctx, inputs, output):
+    q, k, v, coords, cu_seqlens, bias_table, window_size, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, coords, cu_seqlens, bias_table)
+    ctx.window_size, ctx.scale, ctx.backend = window_size, scale, backend
+
+
+def _attention_op_backward(ctx, grad_out, grad_lse):
+    # lse is an auxiliary output for the backward only; nothing downstream differentiates it.
+    q, k, v, out, lse, coords, cu_seqlens, bias_table = ctx.saved_tensors
+    dq, dk, dv, dbias = _attention_backward_op(
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        coords,
+        cu_seqlens,
+        bias_table,
+        ctx.window_size,
+        ctx.scale,
+        ctx.backend,
+    )
+    return dq, dk, dv, None, None, dbias, None, None, None
+
+
+_attention_op.register_autograd(_attention_op_backward, setup_context=_attention_op_setup_context)
+
+
+def window_attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    coords: Tensor,
+    cu_seqlens: Tensor,
+    bias_table: Tensor,
+    window_size: int | Sequence[int],
+    scale: float,
+    backend: str,
+) -> Tensor:
+    """The custom-op route (what torch.compile sees) for backend "torch" or "triton"."""
+    out, _ = _attention_op(
+        q, k, v, coords, cu_seqlens, bias_table, list(as_triple(window_size)), scale, backend
+    )
+    return out
 
 
 def varlen_window_attention(
@@ -136,13 +318,17 @@ def varlen_window_attention(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"q, k, v must be (T, H, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"q, k, v must be (T, H, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if backend == "auto":
         backend = "triton" if q.is_cuda and triton_available() else "torch"
     if backend == "reference":
         return window_attention_reference(q, k, v, coords, cu_seqlens, bias_table, window_size, scale)
+    if torch.compiler.is_compiling():
+        return window_attention_op(q, k, v, coords, cu_seqlens, bias_table, window_size, scale, backend)
     if backend == "triton":
         from .window_attention_triton import window_attention_triton
 

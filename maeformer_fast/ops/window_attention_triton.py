@@ -61,9 +61,26 @@ def _bias_rows(dz, dy, dx, WZ, WY, WX):
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, COORDS, SEG, CU, BIAS,
-    T, H, D, scale_log2, WZ, WY, WX,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    COORDS,
+    SEG,
+    CU,
+    BIAS,
+    T,
+    H,
+    D,
+    scale_log2,
+    WZ,
+    WY,
+    WX,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -78,7 +95,9 @@ def _fwd_kernel(
     n_lo = tl.load(CU + tl.load(SEG + first))
     n_hi = tl.load(CU + tl.load(SEG + last) + 1)
 
-    q = tl.load(Q + (rows[:, None] * H + h) * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    q = tl.load(
+        Q + (rows[:, None] * H + h) * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
+    )
     seg_q = tl.load(SEG + offs_m, mask=m_ok, other=-1)  # -1 never equals a key's group
     qz = tl.load(COORDS + rows * 3, mask=m_ok, other=0)
     qy = tl.load(COORDS + rows * 3 + 1, mask=m_ok, other=0)
@@ -100,8 +119,9 @@ def _fwd_kernel(
         ky = tl.load(COORDS + cols * 3 + 1, mask=n_ok, other=0)
         kx = tl.load(COORDS + cols * 3 + 2, mask=n_ok, other=0)
         same = seg_q[:, None] == seg_k[None, :]  # [BLOCK_M, BLOCK_N]
-        row, inside = _bias_rows(qz[:, None] - kz[None, :], qy[:, None] - ky[None, :], qx[:, None] - kx[None, :],
-                                 WZ, WY, WX)
+        row, inside = _bias_rows(
+            qz[:, None] - kz[None, :], qy[:, None] - ky[None, :], qx[:, None] - kx[None, :], WZ, WY, WX
+        )
         bias = tl.load(BIAS + row.to(tl.int64) * H + h, mask=same & inside, other=0.0).to(tl.float32)
 
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias * 1.4426950408889634
@@ -118,16 +138,39 @@ def _fwd_kernel(
     # Every real query sees at least itself, so l_i > 0 there; padding rows are not stored.
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(O + (rows[:, None] * H + h) * D + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(
+        O + (rows[:, None] * H + h) * D + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & d_ok[None, :],
+    )
     tl.store(LSE + rows * H + h, m_i + tl.log2(l_safe), mask=m_ok)
 
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, COORDS, SEG, CU, BIAS,
-    T, H, D, scale, scale_log2, WZ, WY, WX,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    COORDS,
+    SEG,
+    CU,
+    BIAS,
+    T,
+    H,
+    D,
+    scale,
+    scale_log2,
+    WZ,
+    WY,
+    WX,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -166,8 +209,9 @@ def _bwd_dq_kernel(
         ky = tl.load(COORDS + cols * 3 + 1, mask=n_ok, other=0)
         kx = tl.load(COORDS + cols * 3 + 2, mask=n_ok, other=0)
         same = seg_q[:, None] == seg_k[None, :]
-        row, inside = _bias_rows(qz[:, None] - kz[None, :], qy[:, None] - ky[None, :], qx[:, None] - kx[None, :],
-                                 WZ, WY, WX)
+        row, inside = _bias_rows(
+            qz[:, None] - kz[None, :], qy[:, None] - ky[None, :], qx[:, None] - kx[None, :], WZ, WY, WX
+        )
         bias = tl.load(BIAS + row.to(tl.int64) * H + h, mask=same & inside, other=0.0).to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias * 1.4426950408889634
         p = tl.where(same, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N], the softmax itself
@@ -179,9 +223,34 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, DK, DV, LSE, DELTA, COORDS, SEG, CU, BIAS, DBIAS_PARTIAL,
-    T, H, D, R, num_key_blocks, num_programs, scale, scale_log2, WZ, WY, WX,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    COORDS,
+    SEG,
+    CU,
+    BIAS,
+    DBIAS_PARTIAL,
+    T,
+    H,
+    D,
+    R,
+    num_key_blocks,
+    num_programs,
+    scale,
+    scale_log2,
+    WZ,
+    WY,
+    WX,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -228,9 +297,12 @@ def _bwd_dkdv_kernel(
 
             # Transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows so dK, dV accumulate by plain dots.
             same_t = seg_k[:, None] == seg_q[None, :]
-            row_t, inside_t = _bias_rows(qz[None, :] - kz[:, None], qy[None, :] - ky[:, None],
-                                         qx[None, :] - kx[:, None], WZ, WY, WX)
-            bias_t = tl.load(BIAS + row_t.to(tl.int64) * H + h, mask=same_t & inside_t, other=0.0).to(tl.float32)
+            row_t, inside_t = _bias_rows(
+                qz[None, :] - kz[:, None], qy[None, :] - ky[:, None], qx[None, :] - kx[:, None], WZ, WY, WX
+            )
+            bias_t = tl.load(BIAS + row_t.to(tl.int64) * H + h, mask=same_t & inside_t, other=0.0).to(
+                tl.float32
+            )
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2 + bias_t * 1.4426950408889634
             p_t = tl.where(same_t, tl.exp2(s_t - lse[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -283,8 +355,14 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, bias_table: Tensor) -> None:
 
 
 def triton_forward(
-    q: Tensor, k: Tensor, v: Tensor, coords: Tensor, cu_seqlens: Tensor, bias_table: Tensor,
-    window_size: Sequence[int], scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    coords: Tensor,
+    cu_seqlens: Tensor,
+    bias_table: Tensor,
+    window_size: Sequence[int],
+    scale: float,
 ) -> tuple[Tensor, Tensor]:
     """Forward launch. Returns out (T, H, D) in q's dtype and the base-2 log-sum-exp (T, H) fp32."""
     _check_inputs(q, k, v, bias_table)
@@ -297,10 +375,26 @@ def triton_forward(
     cu = cu_seqlens.to(torch.int32).contiguous()
     grid = (triton.cdiv(num_tokens, BLOCK_M), num_heads)
     _fwd_kernel[grid](
-        q.contiguous(), k.contiguous(), v.contiguous(), out, lse, coords.to(torch.int32).contiguous(),
-        _group_ids(cu, num_tokens), cu, bias_table.contiguous(),
-        num_tokens, num_heads, head_dim, scale * LOG2E, wz, wy, wx,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=_head_block(head_dim), PRECISION=_precision(q.dtype),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        out,
+        lse,
+        coords.to(torch.int32).contiguous(),
+        _group_ids(cu, num_tokens),
+        cu,
+        bias_table.contiguous(),
+        num_tokens,
+        num_heads,
+        head_dim,
+        scale * LOG2E,
+        wz,
+        wy,
+        wx,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=_head_block(head_dim),
+        PRECISION=_precision(q.dtype),
         num_warps=4,
     )
     return out, lse
@@ -317,8 +411,17 @@ def _num_dkdv_programs(num_key_blocks: int, num_heads: int, device: torch.device
 
 
 def triton_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, coords: Tensor,
-    cu_seqlens: Tensor, bias_table: Tensor, window_size: Sequence[int], scale: float,
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    coords: Tensor,
+    cu_seqlens: Tensor,
+    bias_table: Tensor,
+    window_size: Sequence[int],
+    scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward launches. Returns dq, dk, dv (input dtype) and the bias-table gradient (table dtype)."""
     num_tokens, num_heads, head_dim = q.shape
@@ -338,17 +441,64 @@ def triton_backward(
     precision = _precision(q.dtype)
 
     _bwd_dq_kernel[(triton.cdiv(num_tokens, BLOCK_M), num_heads)](
-        q, k, v, grad_out, dq, lse, delta, coords32, seg, cu, table,
-        num_tokens, num_heads, head_dim, scale, scale * LOG2E, wz, wy, wx,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_D=block_d, PRECISION=precision, num_warps=4,
+        q,
+        k,
+        v,
+        grad_out,
+        dq,
+        lse,
+        delta,
+        coords32,
+        seg,
+        cu,
+        table,
+        num_tokens,
+        num_heads,
+        head_dim,
+        scale,
+        scale * LOG2E,
+        wz,
+        wy,
+        wx,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_D=block_d,
+        PRECISION=precision,
+        num_warps=4,
     )
     num_key_blocks = triton.cdiv(num_tokens, BLOCK_N_BWD)
     programs = _num_dkdv_programs(num_key_blocks, num_heads, q.device)
     partial = torch.zeros(programs, num_heads, num_rows, device=q.device, dtype=torch.float32)
     _bwd_dkdv_kernel[(programs, num_heads)](
-        q, k, v, grad_out, dk, dv, lse, delta, coords32, seg, cu, table, partial,
-        num_tokens, num_heads, head_dim, num_rows, num_key_blocks, programs, scale, scale * LOG2E, wz, wy, wx,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N_BWD, BLOCK_D=block_d, PRECISION=precision, num_warps=4,
+        q,
+        k,
+        v,
+        grad_out,
+        dk,
+        dv,
+        lse,
+        delta,
+        coords32,
+        seg,
+        cu,
+        table,
+        partial,
+        num_tokens,
+        num_heads,
+        head_dim,
+        num_rows,
+        num_key_blocks,
+        programs,
+        scale,
+        scale * LOG2E,
+        wz,
+        wy,
+        wx,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N_BWD,
+        BLOCK_D=block_d,
+        PRECISION=precision,
+        num_warps=4,
     )
     # A plain reduction over the program axis: fixed order, so bit-reproducible.
     dbias = partial.sum(0).t().to(bias_table.dtype)  # [R, H]
@@ -375,8 +525,14 @@ class WindowAttentionTriton(torch.autograd.Function):
 
 
 def window_attention_triton(
-    q: Tensor, k: Tensor, v: Tensor, coords: Tensor, cu_seqlens: Tensor, bias_table: Tensor,
-    window_size: int | Sequence[int], scale: float,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    coords: Tensor,
+    cu_seqlens: Tensor,
+    bias_table: Tensor,
+    window_size: int | Sequence[int],
+    scale: float,
 ) -> Tensor:
     """Fused varlen window attention; shapes and semantics as ``varlen_window_attention``.
 

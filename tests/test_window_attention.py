@@ -1,0 +1,314 @@
+"""varlen_window_attention: torch and Triton backends against the per-group reference.
+
+The Triton kernels run here under the interpreter (``TRITON_INTERPRET=1``: numpy, fp32, one program at
+a time), so their cases are tiny but real: ragged groups, empty and single-token groups, a group longer
+than a query block, shifted windows on odd grids with partial visibility, head dims 8/16/32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from maeformer_fast.ops import bias_table_size, varlen_window_attention, window_groups
+from maeformer_fast.ops import window_attention as wa
+from maeformer_fast.ops.window_groups import as_triple
+
+
+def packed_groups(lengths, window, num_heads, head_dim, seed, dtype=torch.float32):
+    """Random q, k, v (T, H, D), coords (T, 3), cu_seqlens and bias table for groups of ``lengths``.
+
+    Each group holds distinct positions of one window placed at a random origin, as window_groups
+    produces (empty groups allowed: cu_seqlens repeats an offset).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    wz, wy, wx = as_triple(window)
+    cells = torch.stack(
+        torch.meshgrid(torch.arange(wz), torch.arange(wy), torch.arange(wx), indexing="ij"), -1
+    ).reshape(-1, 3)
+    coords = [
+        cells[torch.randperm(cells.shape[0], generator=gen)[:n]] + torch.randint(0, 50, (1, 3), generator=gen)
+        for n in lengths
+    ]
+    coords = torch.cat(coords) if coords else torch.zeros(0, 3, dtype=torch.long)
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    num_tokens = coords.shape[0]
+    q, k, v = (torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(dtype) for _ in range(3))
+    table = torch.randn(bias_table_size(window), num_heads, generator=gen)
+    return q, k, v, coords, cu, table
+
+
+def shifted_case(grid, window, shift, keep, num_heads, head_dim, seed, batch_size=2):
+    """Tokens of a partially visible odd grid grouped by (shifted) windows, sorted for the op."""
+    gen = torch.Generator().manual_seed(seed)
+    axes = [torch.arange(n) for n in grid]
+    coords = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3).repeat(batch_size, 1)
+    batch = torch.arange(batch_size).repeat_interleave(coords.shape[0] // batch_size)
+    visible = torch.rand(coords.shape[0], generator=gen) < keep
+    coords, batch = coords[visible], batch[visible]
+    order, cu = window_groups(coords, batch, window, shift)
+    coords = coords[order]
+    num_tokens = coords.shape[0]
+    q, k, v = (torch.randn(num_tokens, num_heads, head_dim, generator=gen) for _ in range(3))
+    table = torch.randn(bias_table_size(window), num_heads, generator=gen)
+    return q, k, v, coords, cu, table
+
+
+def forward_and_grads(backend, q, k, v, coords, cu, table, window, seed=1):
+    """Output and gradients of (q, k, v, table) for a fixed random output cotangent."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, table)]
+    out = varlen_window_attention(*leaves[:3], coords, cu, leaves[3], window, backend=backend)
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(
+        out.device, out.dtype
+    )
+    if out.grad_fn is None:  # no token in any group: nothing depends on the inputs
+        return out, [torch.zeros_like(t) for t in leaves]
+    grads = torch.autograd.grad(out, leaves, cotangent, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return out.detach(), grads
+
+
+def assert_matches_reference(backend, case, window, atol=1e-4, rtol=1e-4):
+    out, grads = forward_and_grads(backend, *case, window)
+    ref_out, ref_grads = forward_and_grads("reference", *case, window)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    for name, got, want in zip(("dq", "dk", "dv", "dbias"), grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# torch backend (the CPU path)
+
+RAGGED = [5, 0, 1, 30, 7, 0, 64, 3, 1, 75]
+
+
+@pytest.mark.parametrize("window", [(4, 4, 4), (3, 5, 5)])
+def test_torch_matches_reference_ragged(window):
+    lengths = [min(n, math.prod(window)) for n in RAGGED]
+    assert_matches_reference("torch", packed_groups(lengths, window, 3, 16, seed=0), window, 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize(
+    ("grid", "window", "shift"),
+    [
+        ((13, 11, 9), (4, 4, 4), (2, 2, 2)),
+        ((13, 11, 9), (3, 5, 5), (1, 2, 2)),
+        ((7, 5, 6), (8, 8, 8), (0, 0, 0)),
+    ],
+)
+def test_torch_matches_reference_shifted_partial(grid, window, shift):
+    case = shifted_case(grid, window, shift, keep=0.4, num_heads=2, head_dim=8, seed=3)
+    assert_matches_reference("torch", case, window, 1e-5, 1e-5)
+
+
+def test_torch_bf16_close_to_reference():
+    case = packed_groups([10, 1, 64, 0, 33], (4, 4, 4), 2, 32, seed=4, dtype=torch.bfloat16)
+    out = varlen_window_attention(*case, (4, 4, 4), backend="torch")
+    ref = varlen_window_attention(
+        *[t.float() if t.is_floating_point() else t for t in case], (4, 4, 4), backend="reference"
+    )
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+def test_no_tokens_and_only_empty_groups():
+    for lengths in ([], [0, 0]):
+        case = packed_groups(lengths, 4, 2, 8, seed=0)
+        for backend in ("torch", "reference"):
+            out, grads = forward_and_grads(backend, *case, 4)
+            assert out.shape == (0, 2, 8)
+            assert float(grads[3].abs().sum()) == 0.0
+
+
+def test_auto_is_torch_on_cpu():
+    case = packed_groups([9, 17], 4, 2, 8, seed=5)
+    assert torch.equal(
+        varlen_window_attention(*case, 4, backend="auto"), varlen_window_attention(*case, 4, backend="torch")
+    )
+    with pytest.raises(ValueError, match="backend"):
+        varlen_window_attention(*case, 4, backend="cuda")
+
+
+def test_available_is_honest(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert wa.triton_available() == (torch.cuda.is_available() and wa._triton_importable())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert wa.triton_available() == wa._triton_importable()
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 27), min_size=1, max_size=6),
+    heads=st.integers(1, 3),
+    head_dim=st.sampled_from([8, 16, 24]),
+    seed=st.integers(0, 2**16),
+)
+def test_torch_property(lengths, heads, head_dim, seed):
+    assert_matches_reference("torch", packed_groups(lengths, 3, heads, head_dim, seed), 3, 1e-5, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# custom op and torch.compile
+
+
+def test_custom_op_matches_eager_torch_backend():
+    case = packed_groups([5, 0, 1, 40, 12], 4, 2, 16, seed=6)
+    direct = forward_and_grads("torch", *case, 4)
+    leaves = [t.detach().clone().requires_grad_() for t in (case[0], case[1], case[2], case[5])]
+    out = wa.window_attention_op(*leaves[:3], case[3], case[4], leaves[3], 4, 0.25, "torch")
+    grads = torch.autograd.grad(
+        out, leaves, torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    )
+    torch.testing.assert_close(out, direct[0], atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, direct[1]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_custom_op_opcheck():
+    q, k, v, coords, cu, table = packed_groups([5, 0, 1, 20], 4, 2, 8, seed=7)
+    args = (q.requires_grad_(), k, v, coords, cu, table.requires_grad_(), [4, 4, 4], 0.3, "torch")
+    torch.library.opcheck(wa._attention_op, args)
+
+
+def test_torch_compile_fullgraph():
+    # aot_eager traces what inductor would (dynamo + fake tensors + the autograd formula) without
+    # spending half a minute compiling C++ on a CPU runner.
+    torch._dynamo.reset()
+    case = packed_groups([5, 0, 1, 40, 12], 4, 2, 16, seed=8)
+
+    def block(q, k, v, coords, cu, table):
+        out = varlen_window_attention(q * 2.0, k, v, coords, cu, table, 4, backend="torch")
+        return (out.relu() + 1.0).sum(-1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    leaves = [t.detach().clone().requires_grad_() for t in (case[0], case[1], case[2], case[5])]
+    got = compiled(*leaves[:3], case[3], case[4], leaves[3])
+    got_grads = torch.autograd.grad(got.sum(), leaves)
+    leaves = [t.detach().clone().requires_grad_() for t in leaves]
+    want = block(*leaves[:3], case[3], case[4], leaves[3])
+    want_grads = torch.autograd.grad(want.sum(), leaves)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton backend under the interpreter
+
+
+# Under the interpreter the flag must be set before triton is first imported (triton.language's own
+# helpers are decorated at import), so on a CPU machine these tests run in a child pytest process that
+# starts with TRITON_INTERPRET=1; on a CUDA machine, or in a run started with the flag, they run here.
+TRITON_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(
+    not TRITON_HERE, reason="needs CUDA or TRITON_INTERPRET=1; test_triton_kernels_in_interpreter runs it"
+)
+
+
+def test_triton_kernels_in_interpreter():
+    if TRITON_HERE:
+        pytest.skip("the Triton tests run in this process")
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            __file__,
+            "-k",
+            "test_triton_ and not in_interpreter",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[
+        -2000:
+    ]
+
+
+def on_device(case):
+    return tuple(t.to(DEVICE) for t in case)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "window", "head_dim"),
+    [
+        ([5, 0, 1, 30, 7, 0, 3, 1], (4, 4, 4), 16),  # many small groups share one query block
+        ([75, 1, 70], (3, 5, 5), 8),  # groups longer than a query block, anisotropic window
+        ([1], (2, 2, 2), 32),  # a single token
+    ],
+)
+@needs_triton
+def test_triton_matches_reference(lengths, window, head_dim):
+    assert_matches_reference("triton", on_device(packed_groups(lengths, window, 2, head_dim, seed=1)), window)
+
+
+@pytest.mark.parametrize(
+    ("grid", "window", "shift"), [((7, 6, 5), (4, 4, 4), (2, 2, 2)), ((5, 7, 6), (3, 5, 5), (0, 0, 0))]
+)
+@needs_triton
+def test_triton_matches_reference_shifted_partial(grid, window, shift):
+    case = on_device(
+        shifted_case(grid, window, shift, keep=0.5, num_heads=2, head_dim=16, seed=2, batch_size=1)
+    )
+    assert_matches_reference("triton", case, window)
+
+
+@needs_triton
+def test_triton_bias_grad_is_deterministic():
+    case = on_device(packed_groups([20, 3, 64, 0, 9], (4, 4, 4), 2, 16, seed=3))
+    first = forward_and_grads("triton", *case, (4, 4, 4))
+    second = forward_and_grads("triton", *case, (4, 4, 4))
+    assert torch.equal(first[0], second[0])
+    for a, b in zip(first[1], second[1]):
+        assert torch.equal(a, b)
+
+
+@needs_triton
+def test_triton_custom_op_path():
+    case = on_device(packed_groups([6, 0, 13], 3, 2, 16, seed=4))
+    want = forward_and_grads("reference", *case, 3)
+    leaves = [t.detach().clone().requires_grad_() for t in (case[0], case[1], case[2], case[5])]
+    out = wa.window_attention_op(*leaves[:3], case[3], case[4], leaves[3], 3, 0.25, "triton")
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+    grads = torch.autograd.grad(out, leaves, cotangent)
+    torch.testing.assert_close(out, want[0], atol=1e-4, rtol=1e-4)
+    for got, ref in zip(grads, want[1]):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+@needs_triton
+def test_triton_empty_inputs():
+    for lengths in ([], [0, 0]):
+        out, grads = forward_and_grads("triton", *on_device(packed_groups(lengths, 4, 2, 8, seed=0)), 4)
+        assert out.shape == (0, 2, 8)
+        assert float(grads[3].abs().sum()) == 0.0
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 18), min_size=1, max_size=5),
+    window=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 2)),
+    head_dim=st.sampled_from([8, 16]),
+    seed=st.integers(0, 2**16),
+)
+@needs_triton
+def test_triton_property(lengths, window, head_dim, seed):
+    lengths = [min(n, math.prod(window)) for n in lengths]
+    assert_matches_reference("triton", on_device(packed_groups(lengths, window, 2, head_dim, seed)), window)
