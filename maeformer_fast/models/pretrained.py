@@ -80,3 +80,31 @@ def init_from_encoder(model: NNFormer, path: str | Path) -> dict[str, Any]:
     prefixed = {f"encoder.{k}": v for k, v in tensors.items()}
     load_state_exact(model, prefixed, path, allowed_missing=("decoder.", "heads."))
     return {"encoder_config": config.to_dict(), **info}
+
+
+SEGMENTER_FORMAT = "maeformer-segmenter-v1"
+
+
+def save_segmenter(path: str | Path, model: NNFormer, plan: dict[str, Any], info: dict[str, Any]) -> Path:
+    """Write a fine-tuned nnFormer with its model config and the preprocessing plan predict needs."""
+    path = Path(path)
+    metadata = {
+        "format": SEGMENTER_FORMAT,
+        "model_config": model.config.to_dict(),
+        "plan": plan,
+        "info": info,
+    }
+    save_weights(path, model.state_dict(), metadata)
+    return path
+
+
+def load_segmenter(path: str | Path) -> tuple[NNFormer, dict[str, Any], dict[str, Any]]:
+    """(model in eval mode, preprocessing plan, run info) of a file written by :func:`save_segmenter`."""
+    tensors, metadata = load_weights(Path(path))
+    if metadata.get("format") != SEGMENTER_FORMAT:
+        raise ValueError(
+            f"{path}: not a maeformer segmentation model (metadata format {metadata.get('format')!r})"
+        )
+    model = NNFormer(NNFormerConfig.from_dict(metadata["model_config"]))
+    load_state_exact(model, tensors, path, allowed_missing=())
+    return model.eval(), metadata["plan"], metadata.get("info", {})

@@ -17,7 +17,8 @@ from ..models.pretrained import save_encoder
 from ..ops.masking import random_unit_mask, visible_mask_grid
 from ..ops.window_groups import Triple
 from .checkpoint import CheckpointManager, unwrap
-from .distributed import barrier, init_distributed, mean_across_ranks, wrap_ddp
+from .distributed import barrier, mean_across_ranks, wrap_ddp
+from .loop import Optimisation, setup_run
 from .optim import make_scheduler, param_groups, warmup_cosine
 from .previews import save_reconstruction_png
 from .runtime import (
@@ -25,8 +26,6 @@ from .runtime import (
     autocast,
     check_finite,
     derive_seed,
-    pick_device,
-    resolve_precision,
     step_generator,
 )
 
@@ -94,17 +93,12 @@ def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain; resumes from ``out/checkpoints`` when ``config.resume`` and a checkpoint exists."""
-    from ..data import ensure_preprocessed, make_loader
+    from ..data import make_loader
 
-    device = pick_device(config.device)
-    torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
-    dist_info = init_distributed(device)
-    precision = resolve_precision(config.precision, device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = ensure_preprocessed(config.data, config.cache_dir) if dist_info.is_main else None
-    barrier(dist_info)
-    cache = cache or ensure_preprocessed(config.data, config.cache_dir)
+    run = setup_run(
+        config.data, config.out, config.cache_dir, config.device, config.precision, config.deterministic
+    )
+    device, precision, dist_info, out = run.device, run.precision, run.dist, run.out
 
     torch.manual_seed(config.seed)
     model = build_mae(config).to(device)
@@ -116,27 +110,21 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         optimizer, lambda s: warmup_cosine(s, config.steps, warmup, config.min_lr_ratio)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    optimisation = Optimisation(model, optimizer, scheduler, scaler, config.grad_clip)
     checkpoints = CheckpointManager(out / "checkpoints")
-
-    start_step = 0
-    latest = checkpoints.latest() if config.resume else None
-    if latest is not None:
-        state, meta = checkpoints.load(latest, model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = meta["step"]
+    resumed = optimisation.resume(checkpoints) if config.resume else None
+    start_step = resumed[0] if resumed else 0
     ddp_model = wrap_ddp(model, dist_info, device)
     if dist_info.is_main:
         (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     log = None
     if dist_info.is_main:
         fields = ["step", "loss", "lr", "voxels_per_s", "elapsed_s"]
-        log = CsvLog(out / "pretrain_log.csv", fields, resume_step=start_step if latest is not None else None)
+        log = CsvLog(out / "pretrain_log.csv", fields, resume_step=start_step if resumed else None)
 
     loader = make_loader(
-        cache, crop, config.batch_size, labeled=False, backend=config.loader, device=device, seed=config.seed,
-        start_step=start_step, rank=dist_info.rank, world_size=dist_info.world_size,
+        run.cache, crop, config.batch_size, labeled=False, backend=config.loader, device=device,
+        seed=config.seed, start_step=start_step, rank=dist_info.rank, world_size=dist_info.world_size,
         num_workers=config.num_workers,
     )  # fmt: skip
     model.train()
@@ -155,13 +143,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         with autocast(precision, device):
             loss, prediction = ddp_model(images, visible_ids)
         check_finite(loss, step, batch.get("case_ids", []))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+        optimisation.step(loss)
 
         done = step + 1
         loss_value = mean_across_ranks(loss, dist_info).item()
@@ -171,19 +153,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
             voxels = math.prod(crop) * images.shape[0] * dist_info.world_size * (done - start_step)
             bar.set_postfix(loss=f"{loss_value:.4f}", vox_s=f"{voxels / elapsed:,.0f}")
             if done % config.log_every == 0 or done == config.steps:
-                log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{scheduler.get_last_lr()[0]:.3e}",
+                log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{optimisation.lr:.3e}",
                           voxels_per_s=f"{voxels / elapsed:.1f}", elapsed_s=f"{elapsed:.2f}")  # fmt: skip
             if done % config.preview_every == 0 or done == config.steps:
                 save_preview(
                     out / "previews" / f"step-{done:07d}.png", model, images, visible_ids, prediction
                 )
         if dist_info.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
-            state = {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-            }
-            checkpoints.save(done, model, state, {"kind": "pretrain", "config": asdict(config)})
+            optimisation.save(checkpoints, done, {"kind": "pretrain", "config": asdict(config)})
     bar.close()
 
     encoder_path = out / "encoder.safetensors"

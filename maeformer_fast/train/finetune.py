@@ -1,0 +1,226 @@
+"""Fine-tuning nnFormer for segmentation from a pretrained encoder or from scratch: ``finetune()``."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data.cache import load_plan
+from ..models.config import get_config
+from ..models.nnformer import NNFormer
+from ..models.pretrained import init_from_encoder, save_segmenter
+from ..ops.window_groups import Triple
+from .checkpoint import CheckpointManager
+from .distributed import barrier, mean_across_ranks, wrap_ddp
+from .evaluation import score_cases, summarise
+from .loop import Optimisation, setup_run
+from .losses import deep_supervision_loss
+from .optim import make_scheduler, param_groups, poly, warmup_cosine
+from .runtime import CsvLog, autocast, check_finite, derive_seed
+from .splits import make_splits
+
+OPTIMIZERS = {"adamw": {"lr": 1e-3, "weight_decay": 0.01}, "sgd": {"lr": 1e-2, "weight_decay": 3e-5}}
+
+
+@dataclass
+class FinetuneConfig:
+    """A fine-tuning run; defaults train the small config at a CPU-feasible pace.
+
+    Labeled cases are split once (``split_seed``) into test, validation and a training pool; the
+    ``labeled`` / ``labeled_fraction`` training cases are drawn from the pool by ``seed``.
+    """
+
+    data: str
+    out: str
+    init: str | None = None  # encoder.safetensors from pretraining; None = from scratch
+    model: str = "small"
+    crop_size: Triple | None = None
+    labeled: int | None = None
+    labeled_fraction: float | None = None
+    seed: int = 0
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.2
+    steps: int = 300
+    batch_size: int = 2
+    optimizer: str = "adamw"  # "adamw" (warmup + cosine) or "sgd" (nesterov 0.99, poly 0.9, nnU-Net)
+    lr: float | None = None  # default per optimizer: adamw 1e-3, sgd 1e-2
+    weight_decay: float | None = None  # default per optimizer: adamw 0.01, sgd 3e-5
+    warmup_steps: int | None = None  # adamw only; default 5% of steps
+    layer_decay: float = 1.0  # lr factor per encoder stage below the decoder (1 = none)
+    grad_clip: float = 12.0
+    foreground_oversample: float = 0.33
+    val_every: int = 50
+    max_val_cases: int | None = None
+    evaluate_test: bool = True
+    loader: str = "torch"
+    num_workers: int = 2
+    precision: str = "auto"
+    device: str = "auto"
+    checkpoint_every: int = 100
+    resume: bool = False
+    cache_dir: str | None = None
+    deterministic: bool = False
+    progress: bool = True
+    model_overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class FinetuneResult:
+    out: Path
+    model_path: Path  # best validation checkpoint
+    last_path: Path
+    best_val_dice: float
+    best_step: int
+    curve: list[tuple[int, float]]  # (step, validation mean Dice)
+    splits: dict
+    test_dice: dict[str, float] | None
+    test_hd95: dict[str, float] | None
+    wall_time_s: float
+
+
+def layer_lr_scales(model: NNFormer, decay: float) -> dict[str, float]:
+    """Layer-wise lr decay: the last encoder stage gets ``decay``, each stage below one factor more,
+    the embedding the smallest; decoder and heads keep the full lr."""
+    stages = model.config.num_stages
+    scales = {f"encoder.stages.{i}.": decay ** (stages - i) for i in range(stages)}
+    scales["encoder.patch_embed."] = decay ** (stages + 1)
+    return scales
+
+
+def build_optimizer(config: FinetuneConfig, model: NNFormer) -> tuple[torch.optim.Optimizer, float]:
+    if config.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {config.optimizer!r}")
+    defaults = OPTIMIZERS[config.optimizer]
+    lr = config.lr if config.lr is not None else defaults["lr"]
+    wd = config.weight_decay if config.weight_decay is not None else defaults["weight_decay"]
+    scales = layer_lr_scales(model, config.layer_decay) if config.layer_decay != 1.0 else None
+    groups = param_groups(model, wd, scales)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.99, nesterov=True), lr
+    return torch.optim.AdamW(groups, lr=lr), lr
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    """Fine-tune; validation Dice every ``val_every`` steps picks the best model; resumable."""
+    from ..data import make_loader
+
+    run = setup_run(
+        config.data, config.out, config.cache_dir, config.device, config.precision, config.deterministic
+    )
+    device, dist_info, out = run.device, run.dist, run.out
+    plan = load_plan(run.cache)
+    labeled_cases = [c["id"] for c in plan["cases"] if c["has_label"]]
+    splits = make_splits(labeled_cases, config.val_fraction, config.test_fraction, config.split_seed,
+                         config.labeled, config.labeled_fraction, config.seed)  # fmt: skip
+    val_cases = splits.val[: config.max_val_cases] if config.max_val_cases else splits.val
+
+    overrides = {
+        "in_channels": plan["num_channels"],
+        "num_classes": plan["num_classes"],
+        **config.model_overrides,
+    }
+    torch.manual_seed(config.seed)
+    model = NNFormer(get_config(config.model, **overrides))
+    init_info = init_from_encoder(model, config.init) if config.init else None
+    model.to(device)
+    crop = tuple(config.crop_size or model.config.crop_size)
+    optimizer, _ = build_optimizer(config, model)
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
+    schedule = (
+        (lambda s: poly(s, config.steps))
+        if config.optimizer == "sgd"
+        else (lambda s: warmup_cosine(s, config.steps, warmup))
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
+    optimisation = Optimisation(
+        model, optimizer, make_scheduler(optimizer, schedule), scaler, config.grad_clip
+    )
+    checkpoints = CheckpointManager(out / "checkpoints")
+    resumed = optimisation.resume(checkpoints) if config.resume else None
+    start_step, meta = resumed if resumed else (0, {})
+    best = meta.get("best", {"dice": -1.0, "step": 0})
+    curve = [tuple(point) for point in meta.get("curve", [])]
+
+    ddp_model = wrap_ddp(model, dist_info, device)
+    model_path, last_path = out / "model.safetensors", out / "last.safetensors"
+    info = {"config": asdict(config), "splits": splits.to_dict(), "init": init_info}
+    if dist_info.is_main:
+        (out / "splits.json").write_text(json.dumps(splits.to_dict(), indent=2))
+        (out / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        log = CsvLog(out / "finetune_log.csv", ["step", "loss", "lr", "val_dice", "elapsed_s"],
+                     resume_step=start_step if resumed else None)  # fmt: skip
+    loader = make_loader(
+        run.cache, crop, config.batch_size, labeled=True, cases=splits.train, backend=config.loader,
+        device=device, seed=config.seed, start_step=start_step, rank=dist_info.rank,
+        world_size=dist_info.world_size, foreground_oversample=config.foreground_oversample,
+        num_workers=config.num_workers,
+    )  # fmt: skip
+
+    def validate(step: int) -> float:
+        scores = score_cases(model, run.cache, val_cases, crop, model.config.num_classes, plan["spacing"],
+                             device, run.precision)  # fmt: skip
+        return summarise(scores)["mean"]
+
+    started = time.perf_counter()
+    model.train()
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="finetune",
+               disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
+    for step in bar:
+        batch = next(loader)
+        torch.manual_seed(derive_seed(config.seed, dist_info.rank, step, "train"))
+        with autocast(run.precision, device):
+            outputs = ddp_model(batch["image"])
+        loss = deep_supervision_loss(outputs, batch["label"])
+        check_finite(loss, step, batch.get("case_ids", []))
+        optimisation.step(loss)
+        done = step + 1
+        loss_value = mean_across_ranks(loss, dist_info).item()
+        bar.set_postfix(loss=f"{loss_value:.4f}", best_dice=f"{max(best['dice'], 0):.3f}")
+        if not dist_info.is_main:
+            continue
+        val_dice = None
+        if done % config.val_every == 0 or done == config.steps:
+            val_dice = validate(done)
+            curve.append((done, val_dice))
+            if val_dice > best["dice"]:
+                best = {"dice": val_dice, "step": done}
+                save_segmenter(model_path, model, plan, {**info, "step": done, "val_dice": val_dice})
+        log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{optimisation.lr:.3e}",
+                  val_dice="" if val_dice is None else f"{val_dice:.4f}",
+                  elapsed_s=f"{time.perf_counter() - started:.2f}")  # fmt: skip
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            optimisation.save(checkpoints, done, {"kind": "finetune", "best": best, "curve": curve})
+    bar.close()
+    barrier(dist_info)
+
+    test_dice = test_hd95 = None
+    if dist_info.is_main:
+        save_segmenter(last_path, model, plan, {**info, "step": config.steps})
+        if config.evaluate_test:
+            test_dice, test_hd95 = evaluate_saved(
+                model_path, run.cache, splits.test, crop, plan, device, run.precision
+            )
+            (out / "test_scores.json").write_text(
+                json.dumps({"dice": test_dice, "hd95": test_hd95}, indent=2)
+            )
+    return FinetuneResult(out, model_path, last_path, best["dice"], best["step"], curve, splits.to_dict(),
+                          test_dice, test_hd95, time.perf_counter() - started)  # fmt: skip
+
+
+def evaluate_saved(path: Path, cache: Path, cases: list[str], crop, plan: dict, device, precision: str):
+    """(Dice summary, HD95 summary) of a saved model on cached cases."""
+    from ..models.pretrained import load_segmenter
+
+    model, _, _ = load_segmenter(path)
+    model.to(device)
+    num_classes = model.config.num_classes
+    scores = score_cases(
+        model, cache, cases, crop, num_classes, plan["spacing"], device, precision, with_hd95=True
+    )
+    return summarise(scores, "dice"), summarise(scores, "hd95")
