@@ -109,6 +109,17 @@ def test_torch_matches_reference_shifted_partial(grid, window, shift):
     assert_matches_reference("torch", case, window, 1e-5, 1e-5)
 
 
+def test_torch_full_windows_shared_and_shuffled():
+    # Dense grid: full windows in raster order take the shared-bias batch; shuffling the tokens of
+    # some windows (still full) must send those through the per-pair path with the same result.
+    case = list(shifted_case((8, 8, 12), (4, 4, 4), (0, 0, 0), keep=1.0, num_heads=2, head_dim=8, seed=5))
+    assert_matches_reference("torch", case, (4, 4, 4), 1e-5, 1e-5)
+    perm = torch.arange(case[0].shape[0])
+    perm[64:128] = 64 + torch.randperm(64, generator=torch.Generator().manual_seed(0))
+    shuffled = [t[perm] for t in case[:4]] + case[4:]
+    assert_matches_reference("torch", shuffled, (4, 4, 4), 1e-5, 1e-5)
+
+
 def test_torch_bf16_close_to_reference():
     case = packed_groups([10, 1, 64, 0, 33], (4, 4, 4), 2, 32, seed=4, dtype=torch.bfloat16)
     out = varlen_window_attention(*case, (4, 4, 4), backend="torch")

@@ -53,31 +53,68 @@ def window_attention_reference(
     return torch.cat(outputs)
 
 
-def _length_buckets(cu_seqlens: Tensor) -> list[tuple[Tensor, Tensor]]:
-    """Non-empty groups padded to power-of-two lengths, one entry per length L.
+def _pieces(
+    coords: Tensor, cu_seqlens: Tensor, window_size: int | Sequence[int]
+) -> list[tuple[Tensor, Tensor | None, Tensor]]:
+    """Split the non-empty groups into batches of equal padded length for batched attention.
 
-    Returns (pos, valid) pairs: pos (n, L) token index of every slot (padding slots repeat the
-    group's first token, so gathers stay in bounds), valid (n, L) marks the real slots.
+    Returns (pos, valid, rows) triples: pos (n, L) token index of every slot (padding slots repeat
+    the group's first token so gathers stay in bounds); valid (n, L) marks real slots, or None when
+    all are real; rows are the bias-table rows, (L, L) when shared by all n groups or (n, L, L).
+
+    Full windows whose tokens come in window raster order (every interior window of a dense grid, and
+    of MAE-visible units that hold whole windows) share one (L, L) row matrix: their bias is gathered
+    once and broadcast, which is what makes this path cheaper than per-window formulations. The other
+    groups are padded to power-of-two lengths and gather their bias per pair.
     """
+    wz, wy, wx = as_triple(window_size)
+    volume = wz * wy * wx
+    device = cu_seqlens.device
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
     starts = cu_seqlens[:-1].long()
     nonempty = lengths > 0
     lengths, starts = lengths[nonempty], starts[nonempty]
     if lengths.numel() == 0:
         return []
+    pieces = []
+    canonical = torch.zeros_like(lengths, dtype=torch.bool)
+    full = (lengths == volume).nonzero().flatten()
+    if full.numel() > 0:
+        cells = torch.arange(volume, device=device)
+        pos = starts[full][:, None] + cells  # [n, W]
+        local = coords[pos].long()
+        local = local - local.amin(1, keepdim=True)
+        raster = (local[..., 0] * wy + local[..., 1]) * wx + local[..., 2]
+        in_order = (raster == cells).all(1)
+        canonical[full[in_order]] = True
+        if bool(in_order.any()):
+            rows = _bias_rows(coords[pos[in_order][0]], window_size)  # the same for every such window
+            pieces.append((pos[in_order], None, rows))
+    rest = ~canonical
+    lengths, starts = lengths[rest], starts[rest]
+    if lengths.numel() == 0:
+        return pieces
     buckets = torch.pow(2, torch.ceil(torch.log2(lengths.double()))).long()
-    out = []
     for bucket in torch.unique(buckets).tolist():
         chosen = buckets == bucket
-        slot = torch.arange(bucket, device=cu_seqlens.device)
+        slot = torch.arange(bucket, device=device)
         valid = slot[None, :] < lengths[chosen][:, None]  # [n, L]
-        out.append((starts[chosen][:, None] + torch.where(valid, slot[None, :], 0), valid))
-    return out
+        pos = starts[chosen][:, None] + torch.where(valid, slot[None, :], 0)
+        pieces.append((pos, valid, _bias_rows(coords[pos], window_size)))
+    return pieces
 
 
-def _bucket_bias_rows(coords: Tensor, pos: Tensor, window_size: int | Sequence[int]) -> Tensor:
-    c = coords[pos]  # [n, L, 3]
-    return relative_position_index(c[:, :, None, :] - c[:, None, :, :], window_size)  # [n, L, L]
+def _bias_rows(c: Tensor, window_size: int | Sequence[int]) -> Tensor:
+    """Table rows (..., L, L) for the pairwise differences of coordinates c (..., L, 3)."""
+    return relative_position_index(c[..., :, None, :] - c[..., None, :, :], window_size)
+
+
+def _piece_bias(bias_table: Tensor, valid: Tensor | None, rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive attention bias, (H, L, L) shared or (n, H, L, L), -inf on padding keys."""
+    bias = bias_table[rows].movedim(-1, -3).to(dtype)
+    if valid is not None:
+        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return bias
 
 
 def window_attention_torch(
@@ -90,33 +127,44 @@ def window_attention_torch(
     window_size: int | Sequence[int],
     scale: float,
 ) -> Tensor:
-    """Pad groups to power-of-two lengths and run SDPA per length bucket.
+    """Batch groups of equal (padded) length and attend per batch; see :func:`_pieces` and :func:`_attend`.
 
-    Padding keys are masked with -inf; padding queries are computed and dropped. Each group's
-    bias is gathered as (H, L, L), so memory grows with the bucket length squared: fine for windows
-    (at most prod(window) tokens), which is all this op is for.
+    Padding keys are masked with -inf; padding queries are computed and dropped. A batch's bias is at
+    most (n, H, L, L), L <= prod(window): fine for windows, which is all this op is for.
     """
     num_tokens, num_heads, _ = q.shape
     token_ids, outputs = [], []
-    for pos, valid in _length_buckets(cu_seqlens):
-        rows = _bucket_bias_rows(coords, pos, window_size)
-        bias = bias_table[rows].permute(0, 3, 1, 2).to(q.dtype)  # [n, H, L, L]
-        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
-        out = F.scaled_dot_product_attention(
-            q[pos].transpose(1, 2),
-            k[pos].transpose(1, 2),
-            v[pos].transpose(1, 2),
-            attn_mask=bias,
-            scale=scale,
-        )  # [n, H, L, D]
-        outputs.append(out.transpose(1, 2)[valid])
-        token_ids.append(pos[valid])
+    for pos, valid, rows in _pieces(coords, cu_seqlens, window_size):
+        out = _attend(
+            _gather(q, pos).transpose(1, 2),
+            _gather(k, pos).transpose(1, 2),
+            _gather(v, pos).transpose(1, 2),
+            _piece_bias(bias_table, valid, rows, q.dtype),
+            scale,
+        ).transpose(1, 2)  # [n, L, H, D]
+        outputs.append(out.flatten(0, 1) if valid is None else out[valid])
+        token_ids.append(pos.flatten() if valid is None else pos[valid])
+    out = q.new_zeros(num_tokens, num_heads, v.shape[2])
     if not outputs:
-        return q.new_zeros(num_tokens, num_heads, v.shape[2])
-    inverse = torch.empty(num_tokens, dtype=torch.long, device=q.device)
-    order = torch.cat(token_ids)
-    inverse[order] = torch.arange(order.numel(), device=q.device)
-    return torch.cat(outputs)[inverse]
+        return out
+    return out.index_copy(0, torch.cat(token_ids), torch.cat(outputs))
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+    """softmax(scale q k^T + bias) v over (n, H, L, D). SDPA on GPU; on CPU the explicit form, which
+    measured ~20% faster than SDPA with a float mask for windows of 64 tokens (2 cores, torch 2.13)."""
+    if q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    return (q @ k.transpose(-1, -2) * scale + bias).softmax(-1) @ v
+
+
+def _gather(x: Tensor, pos: Tensor) -> Tensor:
+    """x[pos] for x (T, ...) and pos (n, L); a view when pos is one contiguous run (the dense case),
+    which also spares the scatter-add that a gather costs in backward."""
+    first = int(pos[0, 0])
+    if bool((pos.flatten() == torch.arange(first, first + pos.numel(), device=pos.device)).all()):
+        return x[first : first + pos.numel()].view(*pos.shape, *x.shape[1:])
+    return x[pos]
 
 
 def window_attention_torch_backward(
@@ -132,30 +180,33 @@ def window_attention_torch_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Explicit gradients of :func:`window_attention_torch` (the custom op cannot run autograd inside).
 
-    Per bucket, in fp32: P = softmax(S), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
+    Per batch of groups, in fp32: P = softmax(S), dV = P^T dO, dP = dO V^T, dS = P * (dP - rowsum(dP * P)),
     dQ = scale dS K, dK = scale dS^T Q, and the table gradient sums dS over the pairs of each row.
     Returns dq, dk, dv (input dtypes) and the table gradient (table dtype).
     """
+    num_heads = q.shape[1]
     dq = torch.zeros_like(q, dtype=torch.float32)
     dk = torch.zeros_like(k, dtype=torch.float32)
     dv = torch.zeros_like(v, dtype=torch.float32)
     dtable = torch.zeros_like(bias_table, dtype=torch.float32)
-    for pos, valid in _length_buckets(cu_seqlens):
-        rows = _bucket_bias_rows(coords, pos, window_size)
-        bias = bias_table.float()[rows].permute(0, 3, 1, 2)  # [n, H, L, L]
-        bias = bias.masked_fill(~valid[:, None, None, :], float("-inf"))
+    for pos, valid, rows in _pieces(coords, cu_seqlens, window_size):
+        mask = torch.ones_like(pos, dtype=torch.bool) if valid is None else valid  # [n, L]
         qb, kb, vb = (t[pos].transpose(1, 2).float() for t in (q, k, v))  # [n, H, L, D]
+        bias = _piece_bias(bias_table, valid, rows, torch.float32)
         probs = (qb @ kb.transpose(-1, -2) * scale + bias).softmax(-1)
         # Padding query slots repeat a real token: give them no cotangent so they add nothing.
-        go = grad_out[pos].transpose(1, 2).float() * valid[:, None, :, None]
+        go = grad_out[pos].transpose(1, 2).float() * mask[:, None, :, None]
         dp = go @ vb.transpose(-1, -2)
         ds = probs * (dp - (dp * probs).sum(-1, keepdim=True))  # [n, H, L, L]
-        real = pos[valid]
-        dq[real] = (ds @ kb * scale).transpose(1, 2)[valid]
-        dk[real] = (ds.transpose(-1, -2) @ qb * scale).transpose(1, 2)[valid]
-        dv[real] = (probs.transpose(-1, -2) @ go).transpose(1, 2)[valid]
-        pair = valid[:, :, None] & valid[:, None, :]  # [n, L, L]
-        dtable.index_add_(0, rows[pair], ds.permute(0, 2, 3, 1)[pair])
+        real = pos[mask]
+        dq[real] = (ds @ kb * scale).transpose(1, 2)[mask]
+        dk[real] = (ds.transpose(-1, -2) @ qb * scale).transpose(1, 2)[mask]
+        dv[real] = (probs.transpose(-1, -2) @ go).transpose(1, 2)[mask]
+        if valid is None:  # shared rows: sum the groups first
+            dtable.index_add_(0, rows.flatten(), ds.sum(0).permute(1, 2, 0).reshape(-1, num_heads))
+        else:
+            pair = valid[:, :, None] & valid[:, None, :]  # [n, L, L]
+            dtable.index_add_(0, rows[pair], ds.permute(0, 2, 3, 1)[pair])
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtable.to(bias_table.dtype)
 
 
