@@ -323,3 +323,13 @@ def test_triton_empty_inputs():
 def test_triton_property(lengths, window, head_dim, seed):
     lengths = [min(n, math.prod(window)) for n in lengths]
     assert_matches_reference("triton", on_device(packed_groups(lengths, window, 2, head_dim, seed)), window)
+
+
+@needs_triton
+def test_triton_non_contiguous_inputs():
+    # q, k, v as a model makes them (unbind of a fused projection) and as a dense transposed view.
+    q, k, v, coords, cu, table = on_device(packed_groups([7, 0, 20], 3, 2, 16, seed=6))
+    fused = torch.stack([q, k, v], 1)  # [T, 3, H, D]
+    views = (fused[:, 0], fused[:, 1], q.transpose(0, 1).contiguous().transpose(0, 1))
+    assert not any(t.is_contiguous() for t in views)
+    assert_matches_reference("triton", (*views, coords, cu, table), 3)

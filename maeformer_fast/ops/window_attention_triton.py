@@ -367,7 +367,8 @@ def triton_forward(
     """Forward launch. Returns out (T, H, D) in q's dtype and the base-2 log-sum-exp (T, H) fp32."""
     _check_inputs(q, k, v, bias_table)
     num_tokens, num_heads, head_dim = q.shape
-    out = torch.empty_like(q)
+    # Kernels address (T, H, D) row-major: allocate contiguous outputs whatever q's strides are.
+    out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(num_tokens, num_heads, device=q.device, dtype=torch.float32)
     if num_tokens == 0:
         return out, lse
@@ -426,7 +427,7 @@ def triton_backward(
     """Backward launches. Returns dq, dk, dv (input dtype) and the bias-table gradient (table dtype)."""
     num_tokens, num_heads, head_dim = q.shape
     num_rows = bias_table.shape[0]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty(t.shape, device=t.device, dtype=t.dtype) for t in (q, k, v))
     if num_tokens == 0:
         return dq, dk, dv, torch.zeros_like(bias_table)
     wz, wy, wx = as_triple(window_size)
