@@ -30,6 +30,27 @@ PRETRAIN_HELP = {
 }
 
 
+FINETUNE_HELP = {
+    "data": "raw labeled dataset folder (Decathlon layout) or a preprocessing cache",
+    "out": "output folder: model.safetensors (best validation), last.safetensors, checkpoints/, logs",
+    "init": "encoder.safetensors from `maeformer pretrain` (default: train from scratch)",
+    "model": "model config: small, synapse, acdc, tumor (must match the encoder's)",
+    "crop_size": "training crop and sliding window in voxels (default: the model config's crop)",
+    "labeled": "number of labeled training cases to use (default: the whole training pool)",
+    "labeled_fraction": "share of the training pool to use instead of --labeled",
+    "seed": "training seed; also picks the labeled subset",
+    "split_seed": "seed of the fixed test/validation split (keep it fixed across runs you compare)",
+    "steps": "optimizer steps",
+    "optimizer": "adamw (warmup + cosine) or sgd (nesterov 0.99, poly 0.9: the nnU-Net recipe)",
+    "lr": "peak learning rate (default: adamw 1e-3, sgd 1e-2)",
+    "layer_decay": "layer-wise lr decay for the pretrained encoder (1 = off)",
+    "val_every": "validate (sliding-window Dice) every N steps",
+    "evaluate_test": "score the best model on the test split at the end",
+    **{k: PRETRAIN_HELP[k] for k in ("loader", "precision", "device", "resume", "cache_dir", "progress")},
+    "deterministic": PRETRAIN_HELP["deterministic"],
+}
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import environment_report
 
@@ -51,21 +72,76 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_finetune(result) -> None:
+    curve = ", ".join(f"{step}: {dice:.3f}" for step, dice in result.curve)
+    print(f"fine-tuned in {result.wall_time_s:.0f} s; validation mean Dice by step: {curve}")
+    print(f"best model (step {result.best_step}, val Dice {result.best_val_dice:.4f}): {result.model_path}")
+    if result.test_dice:
+        print(f"test split ({len(result.splits['test'])} cases): Dice {result.test_dice}")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .train.finetune import FinetuneConfig, finetune
+
+    report_finetune(finetune(dataclass_from_args(FinetuneConfig, args)))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .train.predict import predict
+
+    files = predict(args.model, args.input, args.out, args.device, args.precision, args.overlap, args.mirror)
+    print(f"wrote {len(files)} label maps to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .train.predict import evaluate, format_table
+
+    result = evaluate(args.pred, args.ref, args.out)
+    print(format_table(result["summary"]))
+    print(f"per-case scores: {Path(args.out or args.pred) / 'scores.csv'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Phantoms -> MAE pretraining -> fine-tuning from the encoder -> prediction -> evaluation."""
+    import json
+
     from .data import make_phantoms
+    from .train.finetune import FinetuneConfig, finetune
+    from .train.predict import evaluate, format_table, predict
     from .train.pretrain import PretrainConfig, pretrain
 
     out = Path(args.out)
     data = make_phantoms(out / "phantoms", seed=args.seed)
     print(f"generated phantom dataset: {data}")
-    result = pretrain(PretrainConfig(data=str(data), out=str(out / "pretrain"), steps=args.pretrain_steps,
-                                     seed=args.seed, checkpoint_every=args.pretrain_steps))  # fmt: skip
-    print(f"pretrained {result.steps} steps in {result.wall_time_s:.0f} s: masked-unit loss "
-          f"{result.losses[0]:.3f} -> {result.final_loss:.3f}; encoder: {result.encoder_path}")  # fmt: skip
+    pre = pretrain(PretrainConfig(data=str(data), out=str(out / "pretrain"), steps=args.pretrain_steps,
+                                  seed=args.seed, checkpoint_every=args.pretrain_steps))  # fmt: skip
+    print(f"pretrained {pre.steps} steps in {pre.wall_time_s:.0f} s: masked-unit loss "
+          f"{pre.losses[0]:.3f} -> {pre.final_loss:.3f}; encoder: {pre.encoder_path}")  # fmt: skip
+    fine = finetune(FinetuneConfig(data=str(data), out=str(out / "finetune"), init=str(pre.encoder_path),
+                                   steps=args.finetune_steps, val_every=max(args.finetune_steps // 4, 1),
+                                   seed=args.seed, evaluate_test=False))  # fmt: skip
+    report_finetune(fine)
+    test_images, test_labels = out / "test" / "images", out / "test" / "labels"
+    for folder in (test_images, test_labels):
+        folder.mkdir(parents=True, exist_ok=True)
+    dataset = json.loads((data / "dataset.json").read_text())
+    for entry in dataset["training"]:
+        name = Path(entry["image"]).name
+        if name.split(".")[0] in fine.splits["test"]:
+            (test_images / name).write_bytes((data / entry["image"]).read_bytes())
+            (test_labels / name).write_bytes((data / entry["label"]).read_bytes())
+    predict(fine.model_path, test_images, out / "predictions")
+    result = evaluate(out / "predictions", test_labels)
+    print(f"test cases {fine.splits['test']}, predicted in their original geometry:")
+    print(format_table(result["summary"]))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .train.finetune import FinetuneConfig
     from .train.pretrain import PretrainConfig
 
     parser = argparse.ArgumentParser(
@@ -79,13 +155,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job end to end on a generated phantom dataset (CPU-sized)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--pretrain-steps", type=int, default=60, help="pretraining steps (default: 60)")
+    demo.add_argument("--pretrain-steps", type=int, default=150, help="pretraining steps (default: 150)")
+    demo.add_argument("--finetune-steps", type=int, default=200, help="fine-tuning steps (default: 200)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the runs (default: 0)")
     demo.set_defaults(func=cmd_demo)
 
     pre = sub.add_parser("pretrain", help="MAE pretraining of the nnFormer encoder on unlabeled volumes")
     add_dataclass_arguments(pre, PretrainConfig, PRETRAIN_HELP)
     pre.set_defaults(func=cmd_pretrain)
+
+    fine = sub.add_parser(
+        "finetune", help="fine-tune nnFormer segmentation from a pretrained encoder or scratch"
+    )
+    add_dataclass_arguments(fine, FinetuneConfig, FINETUNE_HELP)
+    fine.set_defaults(func=cmd_finetune)
+
+    pred = sub.add_parser("predict", help="segment NIfTI volumes; labels written in each input's geometry")
+    pred.add_argument("--model", required=True, help="model.safetensors written by `maeformer finetune`")
+    pred.add_argument("--input", required=True, help="a NIfTI file or a folder of them")
+    pred.add_argument("--out", required=True, help="output folder for <case>.nii.gz label maps")
+    pred.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
+    pred.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), fp32, bf16, fp16")
+    pred.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default: 0.5)")
+    pred.add_argument("--mirror", action="store_true", help="average predictions over axis flips (8x slower)")
+    pred.set_defaults(func=cmd_predict)
+
+    ev = sub.add_parser("evaluate", help="Dice and HD95 per class and case of predicted vs reference labels")
+    ev.add_argument("--pred", required=True, help="folder of predicted label maps")
+    ev.add_argument("--ref", required=True, help="folder of reference label maps (matched by file name)")
+    ev.add_argument("--out", default=None, help="where scores.csv/json go (default: --pred)")
+    ev.set_defaults(func=cmd_evaluate)
 
     from .data.commands import add_commands
 
