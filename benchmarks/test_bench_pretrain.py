@@ -1,0 +1,110 @@
+"""MAE pretraining step: visible-only (sparse) encoder vs the dense SimMIM-style baseline.
+
+One training step = forward, masked-unit loss, backward and AdamW update, mask ratio 0.75, random
+inputs. Ratios are computed inside one run (machines are noisy). Also reported per mode: the saved
+activation bytes of the step (CPU and GPU) and the CUDA peak memory, and the analytic encoder FLOPs
+(``torch.utils.flop_counter``) of sparse vs dense.
+
+Run: pytest benchmarks/test_bench_pretrain.py --benchmark-only -s
+"""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from maeformer_fast.models import get_config
+from maeformer_fast.models.mae import MaskedAutoencoder
+from maeformer_fast.ops.masking import random_unit_mask
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# (config, crop, batch): the small config everywhere, Synapse at its published crop on a GPU only.
+CASES = {"small": ("small", (32, 48, 32), 4)}
+if DEVICE.type == "cuda":
+    CASES["synapse"] = ("synapse", (64, 128, 128), 2)
+RESULTS: dict[tuple[str, str], dict[str, float]] = {}
+
+
+def make_step(name, crop, batch, mode):
+    torch.manual_seed(0)
+    model = MaskedAutoencoder(get_config(name), encoder_mode=mode).to(DEVICE)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images = torch.randn(batch, 1, *crop, device=DEVICE)
+    unit_grid = model.encoder.unit_grid(crop)
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else None
+
+    def step():
+        ids = random_unit_mask(batch, unit_grid, 0.75, device=DEVICE)
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None):
+            loss, _ = model(images, ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    return model, images, unit_grid, step
+
+
+def saved_activation_bytes(model, images, unit_grid) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward (the step's activation memory)."""
+    total = 0
+
+    def pack(tensor):
+        nonlocal total
+        total += tensor.numel() * tensor.element_size()
+        return tensor
+
+    ids = random_unit_mask(images.shape[0], unit_grid, 0.75, device=DEVICE)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(images, ids)
+    return total
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("mode", ["dense", "sparse"])  # dense first: the ratio is printed after sparse
+def test_pretrain_step(benchmark, case, mode):
+    name, crop, batch = CASES[case]
+    model, images, unit_grid, step = make_step(name, crop, batch, mode)
+    step()  # warm-up
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    benchmark.group = f"pretrain step {case} {DEVICE.type}"
+    benchmark.pedantic(step, rounds=5 if DEVICE.type == "cuda" else 3, iterations=1, warmup_rounds=1)
+    mean = benchmark.stats.stats.mean
+    row = {
+        "steps_per_s": 1.0 / mean,
+        "voxels_per_s": batch * math.prod(crop) / mean,
+        "saved_activation_mb": saved_activation_bytes(model, images, unit_grid) / 2**20,
+    }
+    if DEVICE.type == "cuda":
+        row["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    RESULTS[(case, mode)] = row
+    benchmark.extra_info.update(row)
+    print(f"\n{case} {mode} on {DEVICE}: " + ", ".join(f"{k} {v:,.2f}" for k, v in row.items()))
+    if mode == "sparse" and (case, "dense") in RESULTS:
+        dense = RESULTS[(case, "dense")]
+        speedup = row["steps_per_s"] / dense["steps_per_s"]
+        memory = row["saved_activation_mb"] / dense["saved_activation_mb"]
+        print(f"{case}: sparse/dense speed-up {speedup:.2f}x, activation memory {memory:.2f}x of dense")
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_encoder_flops_ratio(benchmark, case):
+    """Analytic (counted) encoder forward FLOPs, sparse at mask ratio 0.75 vs dense."""
+    name, crop, batch = CASES[case]
+    flops = {}
+    for mode in ("dense", "sparse"):
+        model, images, unit_grid, _ = make_step(name, crop, batch, mode)
+        ids = random_unit_mask(batch, unit_grid, 0.75, device=DEVICE)
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model.forward_encoder(images, ids)
+        flops[mode] = counter.get_total_flops()
+    ratio = flops["sparse"] / flops["dense"]
+    benchmark.extra_info.update({"encoder_gflops_dense": flops["dense"] / 1e9, "encoder_gflops_sparse":
+                                 flops["sparse"] / 1e9, "ratio": ratio})  # fmt: skip
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+    print(f"\n{case}: encoder GFLOPs dense {flops['dense'] / 1e9:.2f}, sparse {flops['sparse'] / 1e9:.2f} "
+          f"(ratio {ratio:.3f}; visible share 0.25)")  # fmt: skip
