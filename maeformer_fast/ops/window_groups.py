@@ -45,10 +45,11 @@ def window_groups(
             inside a group).
         cu_seqlens: (G + 1,) int32 offsets of the G non-empty groups in the sorted order.
     """
-    w = torch.tensor(as_triple(window_size), device=coords.device, dtype=torch.long)
-    s = torch.tensor(as_triple(shift), device=coords.device, dtype=torch.long)
-    if bool((s < 0).any()) or bool((s >= w).any()):
-        raise ValueError(f"shift {tuple(s.tolist())} must lie in [0, window) for window {tuple(w.tolist())}")
+    window, shift_ = as_triple(window_size), as_triple(shift)
+    if any(not 0 <= s < w for s, w in zip(shift_, window)):  # checked on ints: no device sync
+        raise ValueError(f"shift {shift_} must lie in [0, window) for window {window}")
+    w = torch.tensor(window, device=coords.device, dtype=torch.long)
+    s = torch.tensor(shift_, device=coords.device, dtype=torch.long)
     if coords.shape[0] == 0:
         return torch.zeros(0, dtype=torch.long, device=coords.device), torch.zeros(
             1, dtype=torch.int32, device=coords.device
