@@ -122,11 +122,33 @@ class TransformerBlock(nn.Module):
         """tokens.features (T, C); skip (T, C) encoder skip at the same positions for skip attention,
         where the residual stream starts from ``up + skip`` (official nnFormer)."""
         grouping, _ = tokens.grouping(self.window_size, self.shifted)
-        x = tokens.features
-        shortcut = x if skip is None else x + skip
-        normed = self.norm1(x)[grouping.order]
-        normed_skip = None if skip is None else self.norm1(skip)[grouping.order]
-        attended = self.attn(normed, grouping.coords, grouping.cu_seqlens, normed_skip)[grouping.inverse]
-        x = shortcut + self.drop_path(attended, tokens.batch, tokens.batch_size)
-        x = x + self.drop_path(self.mlp(self.norm2(x)), tokens.batch, tokens.batch_size)
+        x = self.residual(
+            tokens.features, grouping.order, grouping.inverse, grouping.coords, grouping.cu_seqlens,
+            tokens.batch, tokens.batch_size, skip,
+        )  # fmt: skip
         return tokens.with_features(x)
+
+    def residual(
+        self,
+        x: Tensor,
+        order: Tensor,
+        inverse: Tensor,
+        coords: Tensor,
+        cu_seqlens: Tensor,
+        batch: Tensor,
+        batch_size: int,
+        skip: Tensor | None = None,
+    ) -> Tensor:
+        """The block's tensor math, (T, C) -> (T, C), given the window grouping of the tokens.
+
+        Kept apart from the grouping (a data-dependent sort, cached per stage in ``Tokens``) so that
+        training can compile it without graph breaks or checkpoint it without redoing the sort.
+        ``order``/``inverse`` (T,) sort tokens by window and back, ``coords`` (T, 3) and
+        ``cu_seqlens`` (G + 1,) describe the sorted windows, ``batch`` (T,) is each token's sample.
+        """
+        shortcut = x if skip is None else x + skip
+        normed = self.norm1(x)[order]
+        normed_skip = None if skip is None else self.norm1(skip)[order]
+        attended = self.attn(normed, coords, cu_seqlens, normed_skip)[inverse]
+        x = shortcut + self.drop_path(attended, batch, batch_size)
+        return x + self.drop_path(self.mlp(self.norm2(x)), batch, batch_size)

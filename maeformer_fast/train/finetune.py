@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,12 +17,12 @@ from ..models.nnformer import NNFormer
 from ..models.pretrained import init_from_encoder, save_segmenter
 from ..ops.window_groups import Triple
 from .checkpoint import CheckpointManager
-from .distributed import barrier, mean_across_ranks, wrap_ddp
+from .distributed import barrier, broadcast_from_main, mean_across_ranks
 from .evaluation import score_cases, summarise
-from .loop import Optimisation, setup_run
+from .loop import Optimisation, prepare_model, setup_run
 from .losses import deep_supervision_loss
 from .optim import make_scheduler, param_groups, poly, warmup_cosine
-from .runtime import CsvLog, autocast, check_finite, derive_seed
+from .runtime import CsvLog, autocast, check_finite, derive_seed, resolve_compile
 from .splits import make_splits
 
 OPTIMIZERS = {"adamw": {"lr": 1e-3, "weight_decay": 0.01}, "sgd": {"lr": 1e-2, "weight_decay": 3e-5}}
@@ -68,6 +69,11 @@ class FinetuneConfig:
     deterministic: bool = False
     progress: bool = True
     model_overrides: dict = field(default_factory=dict)
+    # Per rank and micro-batch: the batch Dice of the loss is taken over each micro-batch of each rank,
+    # so a global batch split over ranks or micro-steps is not one Dice over all of its samples.
+    accumulate_steps: int = 1  # micro-batches of batch_size per optimizer step (per rank)
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
+    compile: bool | None = None  # torch.compile the transformer blocks; None: the device's default
 
 
 @dataclass
@@ -106,6 +112,39 @@ def build_optimizer(config: FinetuneConfig, model: NNFormer) -> tuple[torch.opti
     return torch.optim.AdamW(groups, lr=lr), lr
 
 
+def build_optimisation(
+    config: FinetuneConfig, model: NNFormer, precision: str, device: torch.device
+) -> Optimisation:
+    """The optimizer of ``config.optimizer`` with its schedule (sgd: poly; adamw: warmup + cosine), a
+    gradient scaler for fp16, clipping and accumulation."""
+    optimizer, _ = build_optimizer(config, model)
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
+    schedule = (
+        (lambda s: poly(s, config.steps))
+        if config.optimizer == "sgd"
+        else (lambda s: warmup_cosine(s, config.steps, warmup))
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return Optimisation(
+        model,
+        optimizer,
+        make_scheduler(optimizer, schedule),
+        scaler,
+        config.grad_clip,
+        config.accumulate_steps,
+    )
+
+
+def segmentation_loss(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, precision: str, device: torch.device
+) -> torch.Tensor:
+    """Deep-supervision Dice + CE of images (B, C, Z, Y, X) against labels (B, Z, Y, X); the forward
+    under the run's autocast, the loss in fp32."""
+    with autocast(precision, device):
+        outputs = model(images)
+    return deep_supervision_loss(outputs, labels)
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune; validation Dice every ``val_every`` steps picks the best model; resumable."""
     from ..data import make_loader
@@ -130,24 +169,17 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     init_info = init_from_encoder(model, config.init) if config.init else None
     model.to(device)
     crop = tuple(config.crop_size or model.config.crop_size)
-    optimizer, _ = build_optimizer(config, model)
-    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
-    schedule = (
-        (lambda s: poly(s, config.steps))
-        if config.optimizer == "sgd"
-        else (lambda s: warmup_cosine(s, config.steps, warmup))
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=run.precision == "fp16")
-    optimisation = Optimisation(
-        model, optimizer, make_scheduler(optimizer, schedule), scaler, config.grad_clip
-    )
+    optimisation = build_optimisation(config, model, run.precision, device)
     checkpoints = CheckpointManager(out / "checkpoints")
     resumed = optimisation.resume(checkpoints) if config.resume else None
     start_step, meta = resumed if resumed else (0, {})
     best = meta.get("best", {"dice": -1.0, "step": 0})
     curve = [tuple(point) for point in meta.get("curve", [])]
 
-    ddp_model = wrap_ddp(model, dist_info, device)
+    train_model = prepare_model(
+        model, dist_info, device, resolve_compile(config.compile, device), config.activation_checkpointing
+    )
+    micro_steps = config.accumulate_steps
     model_path, last_path = out / "model.safetensors", out / "last.safetensors"
     info = {"config": asdict(config), "splits": splits.to_dict(), "init": init_info}
     if dist_info.is_main:
@@ -157,7 +189,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                      resume_step=start_step if resumed else None)  # fmt: skip
     loader = make_loader(
         run.cache, crop, config.batch_size, labeled=True, cases=splits.train, backend=config.loader,
-        device=device, seed=config.seed, start_step=start_step, rank=dist_info.rank,
+        device=device, seed=config.seed, start_step=start_step * micro_steps, rank=dist_info.rank,
         world_size=dist_info.world_size, foreground_oversample=config.foreground_oversample,
         num_workers=config.num_workers,
     )  # fmt: skip
@@ -167,20 +199,27 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                              device, run.precision)  # fmt: skip
         return summarise(scores)["mean"]
 
+    case_ids: list[str] = []  # the cases of the current step's micro-batches, for error messages
+
+    def micro_loss(step: int, micro: int) -> torch.Tensor:
+        # The micro-batch counter is the loader position and seeds stochastic depth (per rank).
+        index = step * micro_steps + micro
+        batch = next(loader)
+        torch.manual_seed(derive_seed(config.seed, dist_info.rank, index, "train"))
+        case_ids[:] = (case_ids if micro else []) + batch.get("case_ids", [])
+        return segmentation_loss(train_model, batch["image"], batch["label"], run.precision, device)
+
     started = time.perf_counter()
     model.train()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="finetune",
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
     for step in bar:
-        batch = next(loader)
-        torch.manual_seed(derive_seed(config.seed, dist_info.rank, step, "train"))
-        with autocast(run.precision, device):
-            outputs = ddp_model(batch["image"])
-        loss = deep_supervision_loss(outputs, batch["label"])
-        check_finite(loss, step, batch.get("case_ids", []))
-        optimisation.step(loss)
+        local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
+        mean_loss = mean_across_ranks(local_loss, dist_info)
+        check_finite(mean_loss, step, case_ids, dist_info.rank if dist_info.enabled else None, local_loss)
+        optimisation.step()
         done = step + 1
-        loss_value = mean_across_ranks(loss, dist_info).item()
+        loss_value = mean_loss.item()
         bar.set_postfix(loss=f"{loss_value:.4f}", best_dice=f"{max(best['dice'], 0):.3f}")
         if not dist_info.is_main:
             continue
@@ -209,6 +248,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             (out / "test_scores.json").write_text(
                 json.dumps({"dice": test_dice, "hd95": test_hd95}, indent=2)
             )
+    # Only rank 0 validated and tested; every rank returns its results.
+    best, curve, test_dice, test_hd95 = broadcast_from_main((best, curve, test_dice, test_hd95), dist_info)
     return FinetuneResult(out, model_path, last_path, best["dice"], best["step"], curve, splits.to_dict(),
                           test_dice, test_hd95, time.perf_counter() - started)  # fmt: skip
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from ..models.blocks import TransformerBlock
 from .checkpoint import CheckpointManager
-from .distributed import DistInfo, barrier, init_distributed
+from .distributed import DistInfo, barrier, init_distributed, no_sync, wrap_ddp
 from .runtime import pick_device, resolve_precision
 
 
@@ -47,18 +51,43 @@ def setup_run(
 
 @dataclass
 class Optimisation:
-    """Optimizer, LR schedule and gradient scaler of a run, stepped and checkpointed together."""
+    """Optimizer, LR schedule and gradient scaler of a run, stepped and checkpointed together.
+
+    One optimizer step takes ``accumulate_steps`` micro-batches (:meth:`accumulate`, then :meth:`step`).
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
     grad_clip: float | None = None
+    accumulate_steps: int = 1
 
-    def step(self, loss: torch.Tensor) -> None:
-        """Backward, unscale, clip, optimizer and scheduler step."""
+    def __post_init__(self) -> None:
+        if self.accumulate_steps < 1:
+            raise ValueError(f"accumulate_steps must be >= 1, got {self.accumulate_steps}")
+
+    def accumulate(self, train_model: nn.Module, micro_loss: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        """Zero the gradients, then forward and backward every micro-batch.
+
+        ``micro_loss(i)`` runs the forward of micro-batch i through ``train_model`` (the DDP wrapper
+        when distributed) and returns its scalar loss. Each loss is divided by ``accumulate_steps``, so
+        the gradient is that of the mean loss; DDP all-reduces only in the last micro-step's backward.
+        Returns this rank's mean loss (detached), to be checked before :meth:`step`.
+        """
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        losses = []
+        for i in range(self.accumulate_steps):
+            # DDP decides in forward whether the coming backward syncs, so the forward is inside too.
+            with no_sync(train_model, skip=i < self.accumulate_steps - 1):
+                loss = micro_loss(i)
+                self.scaler.scale(loss / self.accumulate_steps).backward()
+            losses.append(loss.detach().float())
+        return torch.stack(losses).mean()
+
+    def step(self) -> None:
+        """Unscale (fp16: the clip threshold is in true gradient units), clip, optimizer and LR step;
+        the scaler skips the optimizer step when fp16 gradients overflowed."""
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -88,3 +117,73 @@ class Optimisation:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         return meta["step"], meta
+
+
+def prepare_model(
+    model: nn.Module,
+    dist_info: DistInfo,
+    device: torch.device,
+    compile_blocks: bool = False,
+    activation_checkpointing: bool = False,
+    compile_backend: str = "inductor",
+) -> nn.Module:
+    """Set up ``model`` (already on the run's device) for training and return what to call in the loop.
+
+    The transformer blocks are compiled and/or checkpointed in place (so ``model`` itself, which
+    checkpoints and validation use, runs them too), then the model is wrapped in DDP when distributed.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
+    fallback = _EagerFallback()
+    if compile_blocks:
+        # One graph per distinct block shape (stage width, skip attention, train/eval): more than
+        # dynamo's default recompile limit of 8, which would silently leave later stages eager.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for block in blocks:
+        residual = block.residual
+        if compile_blocks:
+            residual = fallback.wrap(torch.compile(residual, backend=compile_backend), residual)
+        if activation_checkpointing:
+            residual = _checkpointed(residual)
+        block.residual = residual  # an instance attribute: the state dict and the class are untouched
+    return wrap_ddp(model, dist_info, device)
+
+
+class _EagerFallback:
+    """Runs compiled functions, switching all of them to eager (with one warning) at the first
+    compilation failure: a missing compiler toolchain or an unsupported op must not stop a run."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def wrap(self, compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            if not self.failed:
+                try:
+                    return compiled(*args, **kwargs)
+                except Exception as error:  # backends raise many types; the eager retry re-raises real bugs
+                    self.failed = True
+                    warnings.warn(
+                        f"torch.compile of the transformer blocks failed ({type(error).__name__}: "
+                        f"{str(error)[:500]}); continuing eagerly",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            return eager(*args, **kwargs)
+
+        return run
+
+
+def _checkpointed(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``function`` under activation checkpointing: its activations are recomputed in backward.
+
+    Non-reentrant checkpointing restores the RNG state, so stochastic depth drops the same samples in
+    the recomputation; the window grouping is an input (computed once, cached in ``Tokens``), so the
+    recomputation never redoes the sort.
+    """
+
+    def run(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # validation: nothing to save, nothing to recompute
+            return function(*args, **kwargs)
+        return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+    return run

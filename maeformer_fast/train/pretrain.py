@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -17,8 +18,8 @@ from ..models.pretrained import save_encoder
 from ..ops.masking import random_unit_mask, visible_mask_grid
 from ..ops.window_groups import Triple
 from .checkpoint import CheckpointManager, unwrap
-from .distributed import barrier, mean_across_ranks, wrap_ddp
-from .loop import Optimisation, setup_run
+from .distributed import barrier, mean_across_ranks
+from .loop import Optimisation, prepare_model, setup_run
 from .optim import make_scheduler, param_groups, warmup_cosine
 from .previews import save_reconstruction_png
 from .runtime import (
@@ -26,6 +27,7 @@ from .runtime import (
     autocast,
     check_finite,
     derive_seed,
+    resolve_compile,
     step_generator,
 )
 
@@ -67,6 +69,9 @@ class PretrainConfig:
     model_overrides: dict = field(default_factory=dict)
     progress: bool = True
     deterministic: bool = False  # deterministic kernels: bit-exact resume (slower scatter backward)
+    accumulate_steps: int = 1  # micro-batches of batch_size per optimizer step (per rank)
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
+    compile: bool | None = None  # torch.compile the transformer blocks; None: the device's default
 
 
 @dataclass
@@ -81,14 +86,49 @@ class PretrainResult:
 
 
 def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
+    """The masked autoencoder of ``config``; parameters the MAE loss never reaches are frozen.
+
+    The loss reads only the last encoder stage, so the output norms of the other stages (used by the
+    segmentation decoder in fine-tuning) get no gradient: frozen, AdamW skips them exactly as it skips
+    a parameter without gradient, and DDP needs no per-step search for unused parameters.
+    """
     model_config = get_config(config.model, **config.model_overrides)
-    return MaskedAutoencoder(
+    model = MaskedAutoencoder(
         model_config,
         encoder_mode=config.encoder,
         decoder_dim=config.decoder_dim,
         decoder_depth=config.decoder_depth,
         norm_pix_loss=config.norm_pix_loss,
     )
+    for stage in model.encoder.stages[:-1]:
+        stage.norm.requires_grad_(False)
+    return model
+
+
+def build_optimisation(
+    config: PretrainConfig, model: MaskedAutoencoder, precision: str, device: torch.device
+) -> Optimisation:
+    """AdamW (betas 0.9, 0.95) with warmup + cosine, a gradient scaler for fp16, clipping, accumulation."""
+    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
+    scheduler = make_scheduler(
+        optimizer, lambda s: warmup_cosine(s, config.steps, warmup, config.min_lr_ratio)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    return Optimisation(model, optimizer, scheduler, scaler, config.grad_clip, config.accumulate_steps)
+
+
+def mae_loss(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    visible_ids: torch.Tensor,
+    precision: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked-unit loss, prediction (B, N, prod(unit) * C)) of images (B, C, Z, Y, X) with visible
+    units (B, K), under the run's autocast."""
+    with autocast(precision, device):
+        return model(images, visible_ids)
 
 
 def pretrain(config: PretrainConfig) -> PretrainResult:
@@ -104,17 +144,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     model = build_mae(config).to(device)
     crop = tuple(config.crop_size or model.config.crop_size)
     unit_grid = model.encoder.unit_grid(crop)
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
-    warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
-    scheduler = make_scheduler(
-        optimizer, lambda s: warmup_cosine(s, config.steps, warmup, config.min_lr_ratio)
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    optimisation = Optimisation(model, optimizer, scheduler, scaler, config.grad_clip)
+    optimisation = build_optimisation(config, model, precision, device)
     checkpoints = CheckpointManager(out / "checkpoints")
     resumed = optimisation.resume(checkpoints) if config.resume else None
     start_step = resumed[0] if resumed else 0
-    ddp_model = wrap_ddp(model, dist_info, device)
+    train_model = prepare_model(
+        model, dist_info, device, resolve_compile(config.compile, device), config.activation_checkpointing
+    )
+    micro_steps = config.accumulate_steps
     if dist_info.is_main:
         (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
     log = None
@@ -124,41 +161,52 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
 
     loader = make_loader(
         run.cache, crop, config.batch_size, labeled=False, backend=config.loader, device=device,
-        seed=config.seed, start_step=start_step, rank=dist_info.rank, world_size=dist_info.world_size,
-        num_workers=config.num_workers,
+        seed=config.seed, start_step=start_step * micro_steps, rank=dist_info.rank,
+        world_size=dist_info.world_size, num_workers=config.num_workers,
     )  # fmt: skip
+    current: dict = {}  # the step's case ids and its last micro-batch (for the preview)
+
+    def micro_loss(step: int, micro: int) -> torch.Tensor:
+        # The micro-batch counter is the loader position and seeds the masks and stochastic depth
+        # (global RNG, seeded after the loader, whose first call draws a worker seed): a resumed run
+        # repeats an uninterrupted one, and ranks and micro-batches get different masks.
+        index = step * micro_steps + micro
+        batch = next(loader)
+        torch.manual_seed(derive_seed(config.seed, dist_info.rank, index, "train"))
+        images = batch["image"]
+        generator = step_generator(device, config.seed, dist_info.rank, index, "mask")
+        visible_ids = random_unit_mask(images.shape[0], unit_grid, config.mask_ratio, generator, device)
+        loss, prediction = mae_loss(train_model, images, visible_ids, precision, device)
+        current["case_ids"] = (current["case_ids"] if micro else []) + batch.get("case_ids", [])
+        current.update(images=images, visible_ids=visible_ids, prediction=prediction.detach())
+        return loss
+
     model.train()
     losses: list[float] = []
     started = time.perf_counter()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="pretrain",
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
     for step in bar:
-        batch = next(loader)
-        # Stochastic depth draws from the global RNG: seeding it per (rank, step), after the loader
-        # (whose first call draws a worker seed), makes a resumed run repeat an uninterrupted one.
-        torch.manual_seed(derive_seed(config.seed, dist_info.rank, step, "train"))
-        images = batch["image"]
-        generator = step_generator(device, config.seed, dist_info.rank, step, "mask")
-        visible_ids = random_unit_mask(images.shape[0], unit_grid, config.mask_ratio, generator, device)
-        with autocast(precision, device):
-            loss, prediction = ddp_model(images, visible_ids)
-        check_finite(loss, step, batch.get("case_ids", []))
-        optimisation.step(loss)
+        local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
+        mean_loss = mean_across_ranks(local_loss, dist_info)
+        rank = dist_info.rank if dist_info.enabled else None
+        check_finite(mean_loss, step, current["case_ids"], rank, local_loss)
+        optimisation.step()
 
         done = step + 1
-        loss_value = mean_across_ranks(loss, dist_info).item()
+        loss_value = mean_loss.item()
         losses.append(loss_value)
         if dist_info.is_main:
             elapsed = time.perf_counter() - started
-            voxels = math.prod(crop) * images.shape[0] * dist_info.world_size * (done - start_step)
+            samples = config.batch_size * micro_steps * dist_info.world_size * (done - start_step)
+            voxels = math.prod(crop) * samples
             bar.set_postfix(loss=f"{loss_value:.4f}", vox_s=f"{voxels / elapsed:,.0f}")
             if done % config.log_every == 0 or done == config.steps:
                 log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{optimisation.lr:.3e}",
                           voxels_per_s=f"{voxels / elapsed:.1f}", elapsed_s=f"{elapsed:.2f}")  # fmt: skip
             if done % config.preview_every == 0 or done == config.steps:
-                save_preview(
-                    out / "previews" / f"step-{done:07d}.png", model, images, visible_ids, prediction
-                )
+                save_preview(out / "previews" / f"step-{done:07d}.png", model, current["images"],
+                             current["visible_ids"], current["prediction"])  # fmt: skip
         if dist_info.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
             optimisation.save(checkpoints, done, {"kind": "pretrain", "config": asdict(config)})
     bar.close()

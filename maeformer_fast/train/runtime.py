@@ -38,6 +38,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+# torch.compile of the transformer blocks when ``compile`` is left at None. Off until a GPU measurement
+# (benchmarks/gpu_training.py, recorded in benchmarks/RESULTS.md) shows it faster on CUDA; on CPU it
+# only costs compilation time.
+COMPILE_BY_DEFAULT_ON_CUDA = False
+
+
+def resolve_compile(compile_blocks: bool | None, device: torch.device) -> bool:
+    """Whether to compile the transformer blocks: as asked, else the measured default for the device."""
+    if compile_blocks is not None:
+        return compile_blocks
+    return device.type == "cuda" and COMPILE_BY_DEFAULT_ON_CUDA
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """Autocast context for a resolved precision (a no-op for fp32)."""
     if precision == "fp32":
@@ -59,12 +72,26 @@ def step_generator(device: torch.device, *parts: object) -> torch.Generator:
     return generator
 
 
-def check_finite(loss: torch.Tensor, step: int, case_ids: list[str]) -> None:
-    if not torch.isfinite(loss).item():
-        raise NonFiniteLossError(
-            f"loss is {loss.item()} at step {step} (batch cases: {', '.join(case_ids) or 'unknown'}); "
-            "lower the learning rate, use fp32/bf16 instead of fp16, or check these cases for bad voxels"
-        )
+def check_finite(
+    loss: torch.Tensor,
+    step: int,
+    case_ids: list[str],
+    rank: int | None = None,
+    local_loss: torch.Tensor | None = None,
+) -> None:
+    """Raise NonFiniteLossError when ``loss`` is NaN or Inf.
+
+    Distributed runs pass the mean over all ranks (NaN anywhere makes it NaN everywhere), so every rank
+    raises together instead of leaving the others waiting in a collective; ``rank`` and this rank's
+    ``local_loss`` then tell where it came from. ``case_ids``: the cases of this rank's batches.
+    """
+    if torch.isfinite(loss).item():
+        return
+    where = "" if rank is None or local_loss is None else f" (rank {rank}: loss {local_loss.item()})"
+    raise NonFiniteLossError(
+        f"loss is {loss.item()} at step {step}{where}, batch cases: {', '.join(case_ids) or 'unknown'}; "
+        "lower the learning rate, use fp32/bf16 instead of fp16, or check these cases for bad voxels"
+    )
 
 
 class CsvLog:

@@ -1,0 +1,203 @@
+"""Multi-process training on CPU (gloo): torchrun end to end, DDP against one process, resuming at
+another world size, gradient accumulation.
+
+What "the same global batch" means here: rank r of R trains on its own micro-batches; one process
+sees all ranks' samples of a step. The MAE loss is a mean over masked units with the same count in
+every sample, so R ranks with batch B equal one process with batch R * B. The segmentation loss
+holds a batch Dice, which does not decompose over samples: R ranks with batch B equal one process
+accumulating R micro-batches of B (each micro-batch its own Dice), which is what is checked.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from maeformer_fast.models.config import get_config
+from maeformer_fast.ops.masking import random_unit_mask
+from maeformer_fast.train import finetune as ft
+from maeformer_fast.train import pretrain as pt
+from maeformer_fast.train.distributed import DistInfo, init_distributed
+from maeformer_fast.train.loop import prepare_model
+
+CPU = torch.device("cpu")
+# A narrow model with the small config's structure (4 stages, plain and shifted blocks, skip
+# attention); no stochastic depth, whose per-rank seeds would differ from the single process's.
+TINY = {"embed_dim": 8, "num_heads": (1, 1, 2, 2), "drop_path_rate": 0.0}
+CROP = (32, 32, 32)
+STEPS = 3
+WORLD = 2
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The in-process training runs single-threaded, like each rank: on a loaded 2-core machine two
+    intra-op threads spin-wait for each other (measured 30x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def one_thread_env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+               "--master_port", str(free_port()), "-m", "maeformer_fast.cli", *args]  # fmt: skip
+    result = subprocess.run(command, env=one_thread_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
+
+
+COMMON = ["--crop-size", *map(str, CROP), "--batch-size", "1", "--num-workers", "0", "--no-progress",
+          "--checkpoint-every", "2"]  # fmt: skip
+
+
+def test_torchrun_pretraining_from_raw_data_then_resume_in_one_process(phantom_dataset, tmp_path):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    torchrun("pretrain", "--data", str(phantom_dataset), "--cache-dir", str(cache), "--out", str(out),
+             "--steps", "4", "--preview-every", "2", "--log-every", "1", *COMMON)  # fmt: skip
+    assert (cache / "plan.json").is_file()  # built once by rank 0, then read by rank 1
+    assert len((out / "pretrain_log.csv").read_text().splitlines()) == 1 + 4  # one writer
+    assert sorted(p.name for p in (out / "previews").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000004"
+
+    config = pt.PretrainConfig(data=str(cache), out=str(out), steps=6, resume=True, crop_size=CROP,
+                               batch_size=1, num_workers=0, progress=False, checkpoint_every=2)  # fmt: skip
+    resumed = pt.pretrain(config)
+    assert len(resumed.losses) == 2  # steps 5 and 6, from the checkpoint the two ranks wrote
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000006"
+
+
+def test_torchrun_finetuning_validates_and_tests_on_rank_0(phantom_cache, tmp_path):
+    out = tmp_path / "fine"
+    result = torchrun("finetune", "--data", str(phantom_cache), "--out", str(out), "--steps", "2",
+                      "--val-every", "1", "--max-val-cases", "1", *COMMON)  # fmt: skip
+    assert result.stdout.count("test split (2 cases)") == WORLD  # every rank returns rank 0's scores
+    rows = (out / "finetune_log.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 and all(row.split(",")[3] for row in rows[1:])  # validated at both steps
+    for name in ("model.safetensors", "last.safetensors", "test_scores.json", "splits.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000002"
+
+
+def mae_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step: images (WORLD, 1, *CROP) and visible unit ids (WORLD, K), one sample per rank."""
+    generator = torch.Generator().manual_seed(seed)
+    unit = get_config("small", **TINY).total_stride
+    unit_grid = tuple(c // u for c, u in zip(CROP, unit))
+    return [
+        (
+            torch.randn(WORLD, 1, *CROP, generator=generator),
+            random_unit_mask(WORLD, unit_grid, 0.75, generator),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def segmentation_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per step: images (WORLD, 1, *CROP) and labels (WORLD, *CROP) with classes 0..2."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(WORLD, 1, *CROP, generator=generator),
+            torch.randint(0, 3, (WORLD, *CROP), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def mae_config(**overrides) -> pt.PretrainConfig:
+    return pt.PretrainConfig(data="", out="", steps=STEPS, warmup_steps=1, model_overrides=TINY, **overrides)
+
+
+def train_mae(batches, dist_info: DistInfo, accumulate_steps: int = 1) -> dict[str, torch.Tensor]:
+    """Train with the pretraining step machinery; ``batches`` are this process's samples per step,
+    split into ``accumulate_steps`` micro-batches. Returns the final weights."""
+    config = mae_config(accumulate_steps=accumulate_steps)
+    torch.manual_seed(0)
+    model = pt.build_mae(config)
+    optimisation = pt.build_optimisation(config, model, "fp32", CPU)
+    train_model = prepare_model(model, dist_info, CPU)
+    for images, visible_ids in batches:
+        parts = list(zip(images.chunk(accumulate_steps), visible_ids.chunk(accumulate_steps)))
+        optimisation.accumulate(
+            train_model, lambda i, p=parts: pt.mae_loss(train_model, *p[i], "fp32", CPU)[0]
+        )
+        optimisation.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def train_segmenter(batches, dist_info: DistInfo, accumulate_steps: int = 1) -> dict[str, torch.Tensor]:
+    """As :func:`train_mae` for fine-tuning (Dice + CE with deep supervision)."""
+    config = ft.FinetuneConfig(data="", out="", steps=STEPS, warmup_steps=1, model_overrides=TINY,
+                               accumulate_steps=accumulate_steps)  # fmt: skip
+    torch.manual_seed(0)
+    model = ft.NNFormer(get_config(config.model, **TINY))
+    optimisation = ft.build_optimisation(config, model, "fp32", CPU)
+    train_model = prepare_model(model, dist_info, CPU)
+    for images, labels in batches:
+        parts = list(zip(images.chunk(accumulate_steps), labels.chunk(accumulate_steps)))
+        optimisation.accumulate(
+            train_model, lambda i, p=parts: ft.segmentation_loss(train_model, *p[i], "fp32", CPU)
+        )
+        optimisation.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def ddp_worker(rank: int, port: int, out: str) -> None:
+    """One rank: join the gloo group through the torchrun environment, train on this rank's samples."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    torch.set_num_threads(1)
+    info = init_distributed(CPU)
+    mine = slice(rank, rank + 1)
+    mae = train_mae([(x[mine], ids[mine]) for x, ids in mae_batches()], info)
+    segmenter = train_segmenter([(x[mine], y[mine]) for x, y in segmentation_batches()], info)
+    torch.save({"mae": mae, "segmenter": segmenter}, Path(out) / f"rank{rank}.pt")
+
+
+def assert_weights_close(actual: dict, expected: dict, what: str) -> None:
+    # Adam normalises gradients, so float rounding of near-zero gradient entries shows up at the
+    # scale of the learning rate times the steps; agreement is checked well below that.
+    for name, value in expected.items():
+        torch.testing.assert_close(
+            actual[name], value, rtol=1e-4, atol=2e-5, msg=lambda m, n=name: f"{what} {n}: {m}"
+        )
+
+
+def test_ddp_weights_equal_single_process_training_on_the_global_batch(tmp_path):
+    os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
+    torch.multiprocessing.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    for name, value in ranks[0]["mae"].items():  # DDP keeps the replicas identical
+        assert torch.equal(value, ranks[1]["mae"][name]), name
+
+    assert_weights_close(ranks[0]["mae"], train_mae(mae_batches(), DistInfo()), "MAE, batch of both ranks")
+    single = train_segmenter(segmentation_batches(), DistInfo(), accumulate_steps=WORLD)
+    assert_weights_close(ranks[0]["segmenter"], single, "segmenter, both ranks' micro-batches")
+    one_dice = train_segmenter(segmentation_batches(), DistInfo())  # one batch Dice over both samples
+    assert any(not torch.allclose(one_dice[k], single[k], atol=1e-4) for k in single)
+
+
+def test_accumulating_micro_batches_equals_one_large_batch_for_mae():
+    batches = mae_batches(seed=1)
+    whole = train_mae(batches, DistInfo())
+    accumulated = train_mae(batches, DistInfo(), accumulate_steps=2)
+    assert_weights_close(accumulated, whole, "accumulate 2 x 1 vs batch 2")
+    changed = train_mae(mae_batches(seed=2), DistInfo())
+    assert any(not torch.allclose(changed[k], whole[k], atol=1e-4) for k in whole)  # the check can fail
