@@ -24,7 +24,7 @@ from maeformer_fast.ops.masking import random_unit_mask
 from maeformer_fast.train import finetune as ft
 from maeformer_fast.train import pretrain as pt
 from maeformer_fast.train.distributed import DistInfo, init_distributed
-from maeformer_fast.train.loop import prepare_model
+from maeformer_fast.train.loop import Optimisation, prepare_model
 
 CPU = torch.device("cpu")
 # A narrow model with the small config's structure (4 stages, plain and shifted blocks, skip
@@ -201,3 +201,21 @@ def test_accumulating_micro_batches_equals_one_large_batch_for_mae():
     assert_weights_close(accumulated, whole, "accumulate 2 x 1 vs batch 2")
     changed = train_mae(mae_batches(seed=2), DistInfo())
     assert any(not torch.allclose(changed[k], whole[k], atol=1e-4) for k in whole)  # the check can fail
+
+
+def test_gradient_scaler_unscales_before_clipping():
+    """fp16's loss scaling must not change the step: clipping sees true gradients (CPU scaler)."""
+    results = []
+    for scaled in (False, True):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=scaled)
+        optimisation = Optimisation(model, optimizer, scheduler, scaler, grad_clip=0.01, accumulate_steps=2)
+        x = torch.randn(2, 4, generator=torch.Generator().manual_seed(1))
+        optimisation.accumulate(model, lambda i, m=model, x=x: m(x[i]).square().sum())
+        optimisation.step()
+        results.append(model.weight.detach().clone())
+    torch.testing.assert_close(results[1], results[0])
+    assert not torch.equal(results[0], torch.nn.Linear(4, 2).weight)  # it did step

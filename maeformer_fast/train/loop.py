@@ -125,7 +125,7 @@ def prepare_model(
     device: torch.device,
     compile_blocks: bool = False,
     activation_checkpointing: bool = False,
-    compile_backend: str = "inductor",
+    compile_backend: str | Callable[..., Any] = "inductor",
 ) -> nn.Module:
     """Set up ``model`` (already on the run's device) for training and return what to call in the loop.
 
@@ -139,11 +139,11 @@ def prepare_model(
         # dynamo's default recompile limit of 8, which would silently leave later stages eager.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for block in blocks:
-        residual = block.residual
+        residual = _checkpointed(block.residual) if activation_checkpointing else block.residual
         if compile_blocks:
+            # Checkpointing inside the compiled function: dynamo traces it as one region, while an
+            # eager checkpoint around a compiled function fails in backward (torch 2.13).
             residual = fallback.wrap(torch.compile(residual, backend=compile_backend), residual)
-        if activation_checkpointing:
-            residual = _checkpointed(residual)
         block.residual = residual  # an instance attribute: the state dict and the class are untouched
     return wrap_ddp(model, dist_info, device)
 

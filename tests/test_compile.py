@@ -1,0 +1,113 @@
+"""Transformer blocks under torch.compile and activation checkpointing give what eager blocks give."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from maeformer_fast.models.config import get_config
+from maeformer_fast.models.mae import MaskedAutoencoder
+from maeformer_fast.models.nnformer import NNFormer
+from maeformer_fast.ops.masking import random_unit_mask
+from maeformer_fast.train.distributed import DistInfo
+from maeformer_fast.train.loop import prepare_model
+
+CPU = torch.device("cpu")
+CROP = (32, 32, 32)
+# The small config's structure (4 stages, shifted windows, skip attention) at a narrow width.
+NARROW = {"embed_dim": 8, "num_heads": (1, 1, 2, 2)}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two spin-waiting threads on a loaded 2-core machine are far slower
+    yield
+    torch.set_num_threads(threads)
+
+
+def segmenter(drop_path_rate: float) -> NNFormer:
+    torch.manual_seed(0)
+    return NNFormer(get_config("small", drop_path_rate=drop_path_rate, **NARROW))
+
+
+def mae(drop_path_rate: float) -> MaskedAutoencoder:
+    torch.manual_seed(0)
+    return MaskedAutoencoder(get_config("small", drop_path_rate=drop_path_rate, **NARROW), decoder_dim=16)
+
+
+def segmenter_loss(model: torch.nn.Module, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, *CROP, generator=generator)
+    torch.manual_seed(seed)  # stochastic depth
+    outputs = model(x)
+    return sum(o.square().mean() for o in outputs), outputs
+
+
+def mae_loss(model: torch.nn.Module, seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 1, *CROP, generator=generator)
+    visible_ids = random_unit_mask(2, (2, 2, 2), 0.5, generator)  # a new mask, so new token counts
+    torch.manual_seed(seed)
+    loss, prediction = model(x, visible_ids)
+    return loss, [prediction]
+
+
+def run(model: torch.nn.Module, loss_fn, seed: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """Outputs and parameter gradients of one forward/backward."""
+    model.zero_grad(set_to_none=True)
+    loss, outputs = loss_fn(model, seed)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return [o.detach() for o in outputs], grads
+
+
+def assert_same(actual, expected, exact: bool) -> None:
+    tolerance = {"rtol": 0, "atol": 0} if exact else {"rtol": 1e-4, "atol": 1e-6}
+    torch.testing.assert_close(actual[0], expected[0], **tolerance)
+    assert actual[1].keys() == expected[1].keys()
+    for name, grad in expected[1].items():
+        torch.testing.assert_close(actual[1][name], grad, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("build", "loss_fn", "checkpointing"), [(segmenter, segmenter_loss, False), (mae, mae_loss, True)]
+)
+def test_compiled_blocks_match_eager_without_graph_breaks(build, loss_fn, checkpointing):
+    eager = build(drop_path_rate=0.0)  # compiled RNG streams differ from eager ones
+    compiled = copy.deepcopy(eager)
+    counters.clear()
+    prepare_model(compiled, DistInfo(), CPU, compile_blocks=True, activation_checkpointing=checkpointing,
+                  compile_backend="aot_eager")  # fmt: skip
+    for seed in (0, 1):  # the second sparse batch has other window counts: a dynamic-shape graph
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            result = run(compiled, loss_fn, seed)
+        assert not [w for w in record if "torch.compile" in str(w.message)], [str(w.message) for w in record]
+        assert_same(result, run(eager, loss_fn, seed), exact=False)
+    assert counters["stats"]["unique_graphs"] > 0
+    assert not counters["graph_break"], dict(counters["graph_break"])  # custom attention op traced
+
+
+@pytest.mark.parametrize(("build", "loss_fn"), [(segmenter, segmenter_loss), (mae, mae_loss)])
+def test_activation_checkpointing_gives_identical_gradients(build, loss_fn):
+    plain = build(drop_path_rate=0.3)  # recomputation must drop the same samples
+    checkpointed = copy.deepcopy(plain)
+    prepare_model(checkpointed, DistInfo(), CPU, activation_checkpointing=True)
+    assert_same(run(checkpointed, loss_fn, 0), run(plain, loss_fn, 0), exact=True)
+
+
+def test_failing_compiler_falls_back_to_eager_with_a_warning():
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    eager = segmenter(drop_path_rate=0.0)
+    fallback = copy.deepcopy(eager)
+    prepare_model(fallback, DistInfo(), CPU, compile_blocks=True, compile_backend=broken_backend)
+    with pytest.warns(RuntimeWarning, match="torch.compile of the transformer blocks failed"):
+        result = run(fallback, segmenter_loss, 0)
+    assert_same(result, run(eager, segmenter_loss, 0), exact=True)
