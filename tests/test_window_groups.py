@@ -94,3 +94,15 @@ def test_groups_property(grid, window, shift_frac, keep, seed):
     shift = tuple(int(f * w) for f, w in zip(shift_frac, window))
     coords, batch = grid_tokens(grid, batch_size=2, keep=keep, seed=seed)
     check_groups(coords, batch, window, shift)
+
+
+def test_padded_offsets_extend_the_exact_ones_with_empty_groups():
+    torch.manual_seed(0)
+    coords = torch.randint(0, 11, (300, 3))
+    batch = torch.randint(0, 2, (300,))
+    order, exact = window_groups(coords, batch, (4, 4, 4), (2, 2, 2), pad_groups=False)
+    padded_order, padded = window_groups(coords, batch, (4, 4, 4), (2, 2, 2), pad_groups=True)
+    assert torch.equal(order, padded_order)
+    assert padded.numel() == 301
+    assert torch.equal(padded[: exact.numel()], exact)
+    assert bool((padded[exact.numel() :] == 300).all())

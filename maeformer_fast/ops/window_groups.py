@@ -30,7 +30,11 @@ def as_triple(value: int | Sequence[int]) -> Triple:
 
 
 def window_groups(
-    coords: Tensor, batch: Tensor, window_size: int | Sequence[int], shift: int | Sequence[int]
+    coords: Tensor,
+    batch: Tensor,
+    window_size: int | Sequence[int],
+    shift: int | Sequence[int],
+    pad_groups: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Sort tokens by (batch, window) and return the group boundaries.
 
@@ -39,27 +43,41 @@ def window_groups(
         batch: (T,) integer batch index of every token.
         window_size: window extent per axis (w).
         shift: shift per axis (s, 0 <= s < w); 0 gives plain windows.
+        pad_groups: return T + 1 offsets (the G real groups followed by empty ones) instead of G + 1.
+            Counting the groups needs a device-to-host sync; padded offsets do not, which keeps a
+            GPU step asynchronous. Default: padded on CUDA, exact elsewhere.
 
     Returns:
         order: (T,) int64 permutation that sorts tokens by group (stable: the input order is kept
             inside a group).
-        cu_seqlens: (G + 1,) int32 offsets of the G non-empty groups in the sorted order.
+        cu_seqlens: (G + 1,) int32 offsets of the G non-empty groups in the sorted order, or (T + 1,)
+            with trailing empty groups when padded.
     """
-    window, shift_ = as_triple(window_size), as_triple(shift)
-    if any(not 0 <= s < w for s, w in zip(shift_, window)):  # checked on ints: no device sync
-        raise ValueError(f"shift {shift_} must lie in [0, window) for window {window}")
-    w = torch.tensor(window, device=coords.device, dtype=torch.long)
-    s = torch.tensor(shift_, device=coords.device, dtype=torch.long)
+    window, shifts = as_triple(window_size), as_triple(shift)
+    if any(not 0 <= s < w for s, w in zip(shifts, window)):  # checked on ints: no device sync
+        raise ValueError(f"shift {shifts} must lie in [0, window) for window {window}")
+    device = coords.device
     if coords.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=coords.device), torch.zeros(
-            1, dtype=torch.int32, device=coords.device
+        return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(
+            1, dtype=torch.int32, device=device
         )
-    cell = torch.div(coords.long() + (w - s), w, rounding_mode="floor")  # [T, 3], >= 0 for coords >= 0
-    extent = cell.amax(0) + 1
-    key = ((batch.long() * extent[0] + cell[:, 0]) * extent[1] + cell[:, 1]) * extent[2] + cell[:, 2]
+    # Python-int arithmetic per axis: no small host-to-device copies on the hot path.
+    cell = [
+        torch.div(coords[:, a].long() + (w - s), w, rounding_mode="floor")
+        for a, (w, s) in enumerate(zip(window, shifts))
+    ]  # 3 x [T], >= 0 for coords >= 0
+    extent = [c.amax() + 1 for c in cell]
+    key = ((batch.long() * extent[0] + cell[0]) * extent[1] + cell[1]) * extent[2] + cell[2]
     order = torch.argsort(key, stable=True)
-    _, counts = torch.unique_consecutive(key[order], return_counts=True)
-    cu_seqlens = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=coords.device)
+    sorted_key = key[order]
+    if pad_groups if pad_groups is not None else device.type == "cuda":
+        starts = torch.ones_like(sorted_key, dtype=torch.bool)
+        starts[1:] = sorted_key[1:] != sorted_key[:-1]
+        group = torch.cumsum(starts, 0) - 1  # [T] group of each sorted token, 0..G-1
+        bounds = torch.arange(coords.shape[0] + 1, device=device)
+        return order, torch.searchsorted(group, bounds).to(torch.int32)  # tokens in groups < g
+    _, counts = torch.unique_consecutive(sorted_key, return_counts=True)
+    cu_seqlens = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=device)
     cu_seqlens[1:] = torch.cumsum(counts, 0)
     return order, cu_seqlens
 

@@ -1,0 +1,135 @@
+"""Fine-tuning, sliding-window inference, prediction geometry, metrics and encoder loading rules."""
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maeformer_fast.models import NNFormer, NNFormerEncoder, get_config
+from maeformer_fast.models.pretrained import init_from_encoder, load_encoder, save_encoder
+from maeformer_fast.train.finetune import FinetuneConfig, finetune
+from maeformer_fast.train.inference import sliding_window_predict
+from maeformer_fast.train.metrics import dice, hd95
+from maeformer_fast.train.predict import evaluate, predict
+from maeformer_fast.weights import save_weights
+
+HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "Task04_Hippocampus"
+
+
+def test_encoder_file_round_trip_and_exact_key_check(tmp_path):
+    config = get_config("small", embed_dim=16, num_heads=(1, 2, 2, 4))
+    encoder = NNFormerEncoder(config)
+    path = save_encoder(tmp_path / "encoder.safetensors", encoder)
+    loaded = load_encoder(path)
+    for name, value in encoder.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value)
+    model = NNFormer(config)
+    init_from_encoder(model, path)  # decoder and heads may be missing: fine
+    assert torch.equal(model.encoder.stages[0].norm.weight, encoder.stages[0].norm.weight)
+
+    broken = dict(encoder.state_dict())
+    broken.pop("stages.1.norm.weight")
+    broken["stages.1.extra"] = torch.zeros(1)
+    meta = {"format": "maeformer-encoder-v1", "model_config": config.to_dict(), "info": {}}
+    save_weights(tmp_path / "broken.safetensors", broken, meta)
+    with pytest.raises(
+        ValueError, match="missing: encoder.stages.1.norm.weight.*unexpected: encoder.stages.1.extra"
+    ):
+        init_from_encoder(NNFormer(config), tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match="weights do not fit"):
+        init_from_encoder(NNFormer(get_config("small")), path)  # other widths: shape mismatch
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="junk.safetensors"):
+        load_encoder(tmp_path / "junk.safetensors")
+
+
+def test_sliding_window_equals_direct_inference_when_the_window_covers_the_volume():
+    torch.manual_seed(0)
+    model = NNFormer(get_config("small", embed_dim=16, num_heads=(1, 2, 2, 4))).eval()
+    image = torch.randn(1, 32, 48, 32)
+    with torch.no_grad():
+        direct = model(image[None]).softmax(1)[0]
+    windowed = sliding_window_predict(model, image, (32, 48, 32), num_classes=3)
+    torch.testing.assert_close(windowed, direct, atol=1e-5, rtol=1e-5)
+    smaller = sliding_window_predict(model, image[:, :20, :30, :17], (32, 48, 32), num_classes=3)
+    assert smaller.shape == (3, 20, 30, 17)  # padded to the window, cropped back
+
+
+def test_dice_and_hd95_on_hand_built_cases():
+    a = np.zeros((10, 10, 10), bool)
+    b = np.zeros((10, 10, 10), bool)
+    a[2:4, 2:4, 2:4] = True  # 8 voxels
+    b[2:4, 2:4, 2:6] = True  # 16 voxels, 8 shared
+    assert dice(a, b) == pytest.approx(2 * 8 / 24)
+    assert dice(a, a) == 1.0 and hd95(a, a, (1, 1, 1)) == 0.0
+    shifted = np.roll(a, 3, axis=0)
+    assert dice(a, shifted) == 0.0
+    assert hd95(a, shifted, (1.0, 1.0, 1.0)) == pytest.approx(3.0)
+    assert hd95(a, shifted, (2.0, 1.0, 1.0)) == pytest.approx(6.0)  # spacing-aware
+    empty = np.zeros_like(a)
+    assert dice(empty, empty) == 1.0 and hd95(empty, empty, (1, 1, 1)) == 0.0
+    assert dice(a, empty) == 0.0 and math.isnan(hd95(a, empty, (1, 1, 1)))
+
+
+def test_short_finetune_reaches_non_trivial_dice_and_predicts_in_source_geometry(phantom_dataset, tmp_path):
+    config = FinetuneConfig(data=str(phantom_dataset), out=str(tmp_path / "ft"), steps=120, val_every=60,
+                            num_workers=0, progress=False, max_val_cases=2, evaluate_test=False)  # fmt: skip
+    result = finetune(config)
+    assert result.best_val_dice > 0.25, result.curve
+    assert [step for step, _ in result.curve] == [60, 120]
+
+    import nibabel as nib
+
+    dataset = Path(phantom_dataset)
+    inputs, refs = tmp_path / "in", tmp_path / "ref"
+    inputs.mkdir()
+    refs.mkdir()
+    for case in result.splits["test"][:2]:
+        shutil.copy(dataset / "imagesTr" / f"{case}.nii.gz", inputs)
+        shutil.copy(dataset / "labelsTr" / f"{case}.nii.gz", refs)
+    written = predict(result.model_path, inputs, tmp_path / "pred")
+    for path in written:
+        source = nib.load(str(inputs / path.name))
+        predicted = nib.load(str(path))
+        assert predicted.shape == source.shape
+        np.testing.assert_allclose(predicted.affine, source.affine, atol=1e-5)
+        assert np.asarray(predicted.dataobj).dtype == np.uint8
+    scores = evaluate(tmp_path / "pred", refs)
+    assert set(scores["summary"]) == {"1", "2"}
+    assert (tmp_path / "pred" / "scores.csv").is_file()
+
+
+@pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="the shared hippocampus data is not beside the checkout")
+def test_predict_round_trips_geometry_of_real_hippocampus_files(tmp_path):
+    import nibabel as nib
+
+    from maeformer_fast.data import ensure_preprocessed, load_plan
+    from maeformer_fast.models.pretrained import save_segmenter
+
+    cases = sorted((HIPPOCAMPUS / "imagesTr").glob("hippocampus_*.nii.gz"))[:3]
+    source = tmp_path / "Task04_Hippocampus"
+    for folder in ("imagesTr", "labelsTr"):
+        (source / folder).mkdir(parents=True)
+    for case in cases:
+        shutil.copy(case, source / "imagesTr")
+        shutil.copy(HIPPOCAMPUS / "labelsTr" / case.name, source / "labelsTr")
+    entries = [{"image": f"./imagesTr/{c.name}", "label": f"./labelsTr/{c.name}"} for c in cases]
+    import json
+
+    meta = json.loads((HIPPOCAMPUS / "dataset.json").read_text())
+    (source / "dataset.json").write_text(
+        json.dumps({**meta, "training": entries, "test": [], "numTraining": 3})
+    )
+    plan = load_plan(ensure_preprocessed(source, tmp_path / "cache"))
+    model = NNFormer(get_config("small", embed_dim=16, num_heads=(1, 2, 2, 4), num_classes=3))
+    path = save_segmenter(tmp_path / "model.safetensors", model, plan, {})
+    written = predict(path, source / "imagesTr", tmp_path / "pred")
+    assert len(written) == 3
+    for out in written:
+        original = nib.load(str(source / "imagesTr" / out.name))
+        predicted = nib.load(str(out))
+        assert predicted.shape == original.shape
+        np.testing.assert_allclose(predicted.affine, original.affine, atol=1e-5)
