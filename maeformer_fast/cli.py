@@ -187,8 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     from .data.commands import add_commands
+    from .train.study import add_study_command
 
     add_commands(sub)
+    add_study_command(sub)
     return parser
 
 
