@@ -1,0 +1,329 @@
+"""Training-step throughput on a CUDA machine: sparse vs dense MAE, bf16 vs fp32, compiled vs eager.
+
+Every case runs the project's own training step (``Optimisation.accumulate`` + ``step``: autocast,
+loss, backward, gradient clipping, AdamW and the LR schedule, and the per-step ``.item()`` of the
+loss check) on random inputs made on the GPU; no data pipeline is involved.
+
+Cases (see ``plan_cases`` for the order; every case is guarded, a failure is recorded):
+    flops       counted encoder forward FLOPs sparse/dense (torch.utils.flop_counter; kernels inside
+                the Triton attention are invisible to it, so attention matmuls are not counted)
+    pretrain    sparse (visible-only, Triton attention) and dense (SimMIM-style) MAE at mask ratio
+                0.75, small (crop 32x48x32, batch 8) and synapse (crop 64x128x128, batch 2), bf16
+    finetune    dense NNFormer segmentation step (Dice + CE, deep supervision), small and synapse, bf16
+    fp32        the four pretraining cases in fp32
+    checkpoint  synapse pretraining with activation checkpointing of the blocks (memory vs speed)
+    compiled    torch.compile (inductor) of the transformer blocks, pretraining and synapse finetuning,
+                bf16; the warm-up time (3 steps) includes the compilation
+The budget is checked before every case (a compiled one needs 40 s left) and enforced inside a case by
+an alarm; results are written after every case.
+
+Reported per case: ms/step, steps/s, voxels/s (crop voxels x batch per second), the peak of
+torch.cuda.max_memory_allocated during the steps (weights, optimizer state and activations), and the
+static memory before the first step.
+
+Run:  python benchmarks/gpu_training.py --out $OUT --budget-s 150   (writes $OUT/training.json)
+      python benchmarks/gpu_training.py --cpu-smoke                 (tiny shapes on CPU, torch attention)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import platform
+import signal
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from maeformer_fast.models.config import get_config
+from maeformer_fast.models.nnformer import NNFormer
+from maeformer_fast.ops.masking import random_unit_mask
+from maeformer_fast.train import finetune as ft
+from maeformer_fast.train import pretrain as pt
+from maeformer_fast.train.distributed import DistInfo
+from maeformer_fast.train.loop import prepare_model
+
+MASK_RATIO = 0.75
+# name -> (model config, crop, batch, model overrides)
+SHAPES = {
+    "small": ("small", (32, 48, 32), 8, {}),
+    "synapse": ("synapse", (64, 128, 128), 2, {}),
+}
+SMOKE_SHAPES = {  # the small config's structure at a narrow width, tiny crops
+    "small": ("small", (32, 32, 32), 1, {"embed_dim": 8, "num_heads": (1, 1, 2, 2)}),
+    "synapse": ("small", (32, 48, 32), 1, {"embed_dim": 8, "num_heads": (1, 1, 2, 2)}),
+}
+COMPILE_MIN_BUDGET_S = 40.0  # a compiled case starts only with this much budget left (compiles are slow)
+
+
+@dataclass
+class Case:
+    task: str  # "pretrain" or "finetune"
+    shape: str  # key of SHAPES
+    mode: str = "dense"  # pretraining encoder: "sparse" or "dense"
+    precision: str = "bf16"
+    compile: bool = False
+    checkpointing: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = [self.task, self.shape, self.mode if self.task == "pretrain" else "", self.precision]
+        parts += ["compiled" if self.compile else "", "ckpt" if self.checkpointing else ""]
+        return " ".join(p for p in parts if p)
+
+
+def plan_cases() -> list[Case]:
+    """Most wanted first: the budget cuts the tail."""
+    sparse_dense = ("sparse", "dense")
+    cases = [Case("pretrain", s, m) for s in SHAPES for m in sparse_dense]
+    cases += [Case("pretrain", "synapse", m, precision="fp32") for m in sparse_dense]
+    cases += [Case("finetune", s) for s in SHAPES]
+    cases += [Case("pretrain", "synapse", "sparse", compile=True), Case("finetune", "synapse", compile=True)]
+    cases += [Case("pretrain", "small", m, precision="fp32") for m in sparse_dense]
+    cases += [Case("pretrain", "synapse", m, checkpointing=True) for m in sparse_dense]
+    cases += [
+        Case("pretrain", "small", "sparse", compile=True),
+        Case("pretrain", "synapse", "dense", compile=True),
+    ]
+    return cases
+
+
+def make_step(
+    case: Case, shapes: dict, device: torch.device, backend: str
+) -> tuple[Callable[[], float], int]:
+    """A training-step closure (returns the loss) and the voxels one step consumes."""
+    model_name, crop, batch, overrides = shapes[case.shape]
+    torch.manual_seed(0)
+    with device:  # weights made on the GPU directly: the synapse model has 150 M parameters
+        if case.task == "pretrain":
+            config = pt.PretrainConfig(data="", out="", model=model_name, encoder=case.mode,
+                                       model_overrides=overrides, steps=1000)  # fmt: skip
+            model = pt.build_mae(config)
+            optimisation = pt.build_optimisation(config, model, case.precision, device)
+            images = torch.randn(batch, 1, *crop)
+        else:
+            config = ft.FinetuneConfig(
+                data="", out="", model=model_name, model_overrides=overrides, steps=1000
+            )
+            model = NNFormer(get_config(model_name, **overrides))
+            optimisation = ft.build_optimisation(config, model, case.precision, device)
+            images = torch.randn(batch, 1, *crop)
+            labels = torch.randint(0, model.config.num_classes, (batch, *crop))
+    train_model = prepare_model(model, DistInfo(), device, case.compile, case.checkpointing, backend)
+    unit_grid = model.encoder.unit_grid(crop)
+
+    def loss_of(_micro: int) -> torch.Tensor:
+        if case.task == "pretrain":
+            ids = random_unit_mask(batch, unit_grid, MASK_RATIO, device=device)  # new mask every step
+            return pt.mae_loss(train_model, images, ids, case.precision, device)[0]
+        return ft.segmentation_loss(train_model, images, labels, case.precision, device)
+
+    def step() -> float:
+        loss = optimisation.accumulate(train_model, loss_of)
+        value = loss.item()  # the training loop checks every step's loss: one host sync, as here
+        optimisation.step()
+        return value
+
+    return step, math.prod(crop) * batch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_case(case: Case, shapes: dict, device: torch.device, backend: str, seconds: float) -> dict:
+    """Warm up (compiles included), then time steps for about ``seconds`` (at least 3)."""
+    row: dict = {"case": case.name, **asdict(case)}
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step, voxels = make_step(case, shapes, device, backend)
+    if device.type == "cuda":
+        row["static_mib"] = torch.cuda.memory_allocated() / 2**20
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        started = time.perf_counter()
+        for _ in range(3):  # sparse masks change the window counts: a dynamic-shape recompile at step 2
+            loss = step()
+        synchronize(device)
+        row["warmup_s"] = time.perf_counter() - started
+    fallback = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
+    if fallback:
+        raise RuntimeError(fallback[0])
+    steps, started = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - started < seconds:
+        loss = step()
+        steps += 1
+    synchronize(device)
+    elapsed = time.perf_counter() - started
+    row.update(steps=steps, ms_per_step=1e3 * elapsed / steps, steps_per_s=steps / elapsed,
+               voxels_per_s=voxels * steps / elapsed, loss=loss)  # fmt: skip
+    if device.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return row
+
+
+def encoder_flops(shapes: dict, device: torch.device) -> dict:
+    """Counted encoder forward FLOPs, sparse and dense, per shape."""
+    result = {}
+    for shape, (model_name, crop, batch, overrides) in shapes.items():
+        counts = {}
+        for mode in ("sparse", "dense"):
+            with device:
+                model = pt.build_mae(pt.PretrainConfig(data="", out="", model=model_name, encoder=mode,
+                                                       model_overrides=overrides))  # fmt: skip
+                images = torch.randn(batch, 1, *crop)
+            ids = random_unit_mask(batch, model.encoder.unit_grid(crop), MASK_RATIO, device=device)
+            counter = FlopCounterMode(display=False)
+            with counter, torch.no_grad():
+                model.forward_encoder(images, ids)
+            counts[mode] = counter.get_total_flops()
+            del model
+        result[shape] = {"sparse_gflops": counts["sparse"] / 1e9, "dense_gflops": counts["dense"] / 1e9,
+                         "ratio": counts["sparse"] / counts["dense"]}  # fmt: skip
+    return result
+
+
+def ratios(rows: list[dict]) -> list[dict]:
+    """Speed ratios between cases that differ in one option (same run, same machine)."""
+    speed = {r["case"]: r["steps_per_s"] for r in rows if "steps_per_s" in r}
+    found = []
+    for r in rows:
+        if "steps_per_s" not in r:
+            continue
+        case = Case(r["task"], r["shape"], r["mode"], r["precision"], r["compile"], r["checkpointing"])
+        pairs = []
+        if case.task == "pretrain" and case.mode == "sparse":
+            pairs.append(("sparse / dense", Case(**{**asdict(case), "mode": "dense"})))
+        if case.precision == "bf16" and not case.compile and not case.checkpointing:
+            pairs.append(("bf16 / fp32", Case(**{**asdict(case), "precision": "fp32"})))
+        if case.compile:
+            pairs.append(("compiled / eager", Case(**{**asdict(case), "compile": False})))
+        if case.checkpointing:
+            pairs.append(("checkpointing / none", Case(**{**asdict(case), "checkpointing": False})))
+        for label, other in pairs:
+            if other.name in speed:
+                found.append(
+                    {"ratio": label, "case": case.name, "speed_ratio": speed[case.name] / speed[other.name]}
+                )
+    return found
+
+
+def print_table(rows: list[dict], found: list[dict]) -> None:
+    header = f"{'case':<40}{'ms/step':>10}{'steps/s':>9}{'Mvox/s':>9}{'peak MiB':>10}{'warmup s':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['case']:<40}  {r['error'][:90]}")
+            continue
+        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        print(f"{r['case']:<40}{r['ms_per_step']:>10.1f}{r['steps_per_s']:>9.2f}"
+              f"{r['voxels_per_s'] / 1e6:>9.2f}{peak:>10}{r['warmup_s']:>10.1f}")  # fmt: skip
+    for f in found:
+        print(f"{f['ratio']:<22}{f['case']:<40}{f['speed_ratio']:.2f}x")
+
+
+def out_of_budget(signum: int, frame: object) -> None:
+    raise TimeoutError("out of budget (--budget-s)")
+
+
+def environment(device: torch.device, smoke: bool) -> dict:
+    info = {
+        "gpu": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or 'cpu'})",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "mode": "cpu-smoke (tiny shapes, torch attention, aot_eager compile)" if smoke else "cuda",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError as exc:
+        info["triton"] = f"unavailable: {exc}"
+    return info
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=".", help="folder (or .json path) for training.json")
+    parser.add_argument(
+        "--budget-s", type=float, default=150.0, help="stop starting cases after this many seconds"
+    )
+    parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
+    args = parser.parse_args()
+    started = time.perf_counter()
+    smoke = args.cpu_smoke
+    if not smoke and not torch.cuda.is_available():
+        print("no CUDA device: run with --cpu-smoke for a CPU check of the script", file=sys.stderr)
+        return 2
+    device = torch.device("cpu" if smoke else "cuda")
+    shapes = SMOKE_SHAPES if smoke else SHAPES
+    backend = "aot_eager" if smoke else "inductor"  # no C++ toolchain needed for the CPU check
+    seconds = 0.5 if smoke else 1.5
+    result: dict = {"info": environment(device, smoke), "budget_s": args.budget_s}
+    print(json.dumps(result["info"]))
+    out = Path(args.out)
+    path = out if out.suffix == ".json" else out / "training.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every case: a run killed at the budget still leaves its results
+        result["elapsed_s"] = time.perf_counter() - started
+        path.write_text(json.dumps(result, indent=2))
+
+    try:
+        result["encoder_flops"] = encoder_flops(shapes, device)
+    except Exception as exc:  # recorded, the run goes on
+        result["encoder_flops"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+    print("encoder flops", json.dumps(result["encoder_flops"]))
+    rows: list[dict] = []
+    result["cases"] = rows
+    signal.signal(signal.SIGALRM, out_of_budget)
+    for case in plan_cases():
+        left = args.budget_s - (time.perf_counter() - started)
+        if left < (COMPILE_MIN_BUDGET_S if case.compile else 3 * seconds):
+            rows.append({"case": case.name, **asdict(case), "error": f"skipped: {left:.0f} s of budget left"})
+            continue
+        # A compile cannot be cut short from outside: an alarm at the end of the budget raises inside
+        # it, the blocks fall back to eager and the case is recorded as failed.
+        signal.setitimer(signal.ITIMER_REAL, max(left - 1.0, 1.0))
+        try:
+            rows.append(run_case(case, shapes, device, backend, min(seconds, left / 4)))
+        except Exception as exc:  # recorded, the run goes on
+            rows.append({"case": case.name, **asdict(case), "error": f"{type(exc).__name__}: {exc}"[:500],
+                         "traceback": traceback.format_exc(limit=6)})  # fmt: skip
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        if case.compile:  # compiled code holds its case's model (guards, constants)
+            torch._dynamo.reset()
+        with contextlib.suppress(Exception):  # a failed case may leave the allocator full
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "traceback"}), flush=True)
+        save()
+    result["ratios"] = ratios(rows)
+    save()
+    print_table(rows, result["ratios"])
+    print(f"wrote {path} in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
