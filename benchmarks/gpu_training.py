@@ -32,7 +32,6 @@ import contextlib
 import gc
 import json
 import math
-import platform
 import signal
 import sys
 import time
@@ -45,6 +44,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from maeformer_fast.info import environment_report
 from maeformer_fast.models.config import get_config
 from maeformer_fast.models.nnformer import NNFormer
 from maeformer_fast.ops.masking import random_unit_mask
@@ -241,21 +241,13 @@ def out_of_budget(signum: int, frame: object) -> None:
 
 
 def environment(device: torch.device, smoke: bool) -> dict:
+    """The GPU and versions (``maeformer info``'s report) and what this run measured."""
     info = {
-        "gpu": torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"cpu ({platform.processor() or 'cpu'})",
-        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "mode": "cpu-smoke (tiny shapes, torch attention, aot_eager compile)" if smoke else "cuda",
     }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError as exc:
-        info["triton"] = f"unavailable: {exc}"
+    info.update(environment_report())
+    info["mode"] = "cpu-smoke (tiny shapes, torch attention, aot_eager compile)" if smoke else "cuda"
     return info
 
 
