@@ -37,3 +37,9 @@ def test_study_end_to_end_and_resume(phantom_cache, tmp_path, capsys):
     again = study(config)  # every arm finished: nothing is trained again
     assert "study: " not in capsys.readouterr().out
     assert again.rows == result.rows
+
+    # report-only: the tables are rebuilt from the finished arms' result files alone
+    report_dir = tmp_path / "report"
+    rebuilt = study(StudyConfig(data="unused", out=config.out, report_dir=str(report_dir), report_only=True))
+    assert rebuilt.rows == result.rows
+    assert (report_dir / "results.csv").read_text() == result.files["table_csv"].read_text()

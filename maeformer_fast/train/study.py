@@ -28,6 +28,7 @@ from ..ops.window_groups import Triple
 from .finetune import FinetuneConfig, finetune
 from .pretrain import PretrainConfig, pretrain
 from .splits import make_splits
+from .study_report import write_outputs
 
 ARMS = ("mae", "scratch", "scratch_matched")
 
@@ -59,6 +60,7 @@ class StudyConfig:
     precision: str = "auto"
     cache_dir: str | None = None
     progress: bool = False
+    report_only: bool = False  # rewrite tables/plots/report from the finished arms; train nothing
     model_overrides: dict = field(default_factory=dict)  # Python API only (e.g. a tiny model in tests)
 
 
@@ -182,11 +184,12 @@ def run_arm(config: StudyConfig, folder: Path, arm: str, labeled: int | None, se
 def study(config: StudyConfig) -> StudyResult:
     """Run (or resume) the whole study and write the table, plots and Markdown report."""
     from ..data import ensure_preprocessed
-    from .study_report import write_outputs
 
     started = time.perf_counter()
-    counts, arms = parse_labeled(config.labeled), parse_arms(config.arms)
     out = Path(config.out)
+    if config.report_only:
+        return finished_study(config, out, started)
+    counts, arms = parse_labeled(config.labeled), parse_arms(config.arms)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study_config.json", json.dumps(asdict(config), indent=2, default=str))
     cache = Path(ensure_preprocessed(config.data, config.cache_dir))
@@ -205,6 +208,25 @@ def study(config: StudyConfig) -> StudyResult:
                 folder = out / "runs" / f"labeled-{name}" / f"seed-{seed}" / arm
                 rows.append(run_arm(config, folder, arm, labeled, seed, cache,
                                     pretrained.get("encoder_path", "")))  # fmt: skip
+    files = write_outputs(rows, pretrained, config, arms, Path(config.report_dir or out)) if rows else {}
+    return StudyResult(rows, pretrained, files, time.perf_counter() - started)
+
+
+def finished_study(config: StudyConfig, out: Path, started: float) -> StudyResult:
+    """Tables, plots and report from every finished arm under ``out`` (e.g. of a study stopped early,
+    or of several study processes run side by side over one ``out``), with the settings it ran with."""
+    saved = out / "study_config.json"
+    if saved.is_file():  # the run's own settings describe its results; keep only where to write
+        fields = {**json.loads(saved.read_text()), "report_dir": config.report_dir, "report_only": True}
+        config = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    record = out / "pretrain" / "pretrain.json"
+    pretrained = json.loads(record.read_text()) if record.is_file() else {}
+    results = sorted(out.glob("runs/labeled-*/seed-*/*/result.json"))
+    rows = sorted((json.loads(p.read_text()) for p in results),
+                  key=lambda r: (r["seed"], r["labeled"], ARMS.index(r["arm"])))  # fmt: skip
+    if not rows:
+        raise FileNotFoundError(f"{out}: no finished arms (runs/labeled-*/seed-*/*/result.json)")
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     files = write_outputs(rows, pretrained, config, arms, Path(config.report_dir or out))
     return StudyResult(rows, pretrained, files, time.perf_counter() - started)
 
@@ -233,6 +255,7 @@ STUDY_HELP = {
     "precision": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
     "cache_dir": "where to build the preprocessing cache of a raw dataset",
     "progress": "show progress bars",
+    "report_only": "only rewrite tables, plots and report from the arms finished under OUT (trains nothing)",
 }
 
 

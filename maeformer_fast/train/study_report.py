@@ -184,10 +184,13 @@ def markdown_report(rows: list[dict], pretrained: dict, config: Any, effects: li
     n_seeds = max((e["n_seeds"] for e in effects), default=0)
     lines += [
         "",
-        f"How much this supports: with {n_seeds} seeds a bootstrap over seeds can only resample those "
-        f"{n_seeds} differences, so its interval understates the uncertainty; the paired t-test has "
-        f"{max(n_seeds - 1, 0)} degrees of freedom, and a Wilcoxon signed-rank test could not reach p < 0.25 "
-        f"with 3 pairs. Read the differences as effect estimates, not as significant findings.",
+        f"How much this supports: with at most {n_seeds} seeds per comparison a bootstrap over seeds can "
+        f"only resample those few differences, so its interval understates the uncertainty; the paired "
+        f"t-test has at most {max(n_seeds - 1, 0)} degrees of freedom, and an exact two-sided Wilcoxon "
+        f"signed-rank test cannot go below p = {2 / 2 ** max(n_seeds, 1):.3f} with {n_seeds} pairs "
+        f"(2 / 2^n). "
+        f"Read the differences as effect estimates over seeds (labeled subset + init), not as general "
+        f"findings; seed-to-seed spread is shown as ± std.",
         "",
         "Plots: `test_dice_vs_labeled.png` (test Dice vs labeled count per arm), "
         "`val_dice_vs_step.png` (validation Dice vs fine-tuning step per arm, one panel per labeled count).",
