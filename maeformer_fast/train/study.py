@@ -66,6 +66,8 @@ class StudyConfig:
 
 @dataclass
 class StudyResult:
+    """What ``study`` produced: the finished arms' rows, the pretraining record and the written files."""
+
     rows: list[dict]  # one per finished arm run; see ``study_report.TABLE_FIELDS``
     pretrain: dict  # encoder path, steps, wall time, cases seen
     files: dict[str, Path]  # table_csv, table_json, report, plots
@@ -83,6 +85,7 @@ def parse_labeled(text: str) -> list[int | None]:
 
 
 def parse_arms(text: str) -> list[str]:
+    """``"mae,scratch"`` -> ``["mae", "scratch"]``, checked against ``ARMS``."""
     arms = [a.strip() for a in text.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or not arms:
