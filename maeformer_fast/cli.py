@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +31,16 @@ PRETRAIN_HELP = {
 }
 
 
+SCALING_HELP = {
+    "accumulate_steps": "micro-batches of --batch-size per optimizer step (gradient accumulation; "
+    "DDP syncs gradients on the last one only)",
+    "activation_checkpointing": "recompute each transformer block's activations in backward: less memory, "
+    "more compute",
+    "compile": "torch.compile the transformer blocks (default: off until measured faster on the GPU; "
+    "falls back to eager with a warning)",
+}
+PRETRAIN_HELP.update(SCALING_HELP)
+
 FINETUNE_HELP = {
     "data": "raw labeled dataset folder (Decathlon layout) or a preprocessing cache",
     "out": "output folder: model.safetensors (best validation), last.safetensors, checkpoints/, logs",
@@ -48,7 +59,15 @@ FINETUNE_HELP = {
     "evaluate_test": "score the best model on the test split at the end",
     **{k: PRETRAIN_HELP[k] for k in ("loader", "precision", "device", "resume", "cache_dir", "progress")},
     "deterministic": PRETRAIN_HELP["deterministic"],
+    **SCALING_HELP,
+    "accumulate_steps": SCALING_HELP["accumulate_steps"]
+    + "; the Dice term is a batch Dice per micro-batch and rank",
 }
+
+
+def is_main_process() -> bool:
+    """False on torchrun ranks other than 0, which stay quiet."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -65,6 +84,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     from .train.pretrain import PretrainConfig, pretrain
 
     result = pretrain(dataclass_from_args(PretrainConfig, args))
+    if not is_main_process():
+        return 0
     print(
         f"pretrained {result.steps} steps in {result.wall_time_s:.0f} s, final loss {result.final_loss:.4f}"
     )
@@ -83,7 +104,9 @@ def report_finetune(result) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from .train.finetune import FinetuneConfig, finetune
 
-    report_finetune(finetune(dataclass_from_args(FinetuneConfig, args)))
+    result = finetune(dataclass_from_args(FinetuneConfig, args))
+    if is_main_process():
+        report_finetune(result)
     return 0
 
 
