@@ -48,7 +48,7 @@ def paired_effects(rows: list[dict], a: str, b: str, metric: str = "test_dice_me
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
 def arm_summary(rows: list[dict]) -> list[dict[str, Any]]:
@@ -82,7 +82,7 @@ def plot_test_dice(rows: list[dict], arms: list[str], path: Path) -> None:
             continue
         x = np.array([p["labeled"] for p in points], dtype=float)
         means = [p["test_dice_mean"][0] for p in points]
-        stds = [p["test_dice_mean"][1] for p in points]
+        stds = np.nan_to_num([p["test_dice_mean"][1] for p in points])  # a single seed has no error bar
         # a small multiplicative offset keeps error bars of the arms apart on the log axis
         ax.errorbar(x * (1 + offset), means, yerr=stds, marker="o", capsize=3, label=arm)
     ax.set_xscale("log")
@@ -129,7 +129,11 @@ def plot_curves(rows: list[dict], arms: list[str], path: Path) -> None:
 
 def _fmt(pair: tuple[float, float], digits: int = 3) -> str:
     mean, std = pair
-    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if math.isnan(mean):
+        return "n/a"
+    return (
+        f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+    )  # 1 seed: no std
 
 
 def markdown_report(rows: list[dict], pretrained: dict, config: Any, effects: list[dict]) -> str:
