@@ -151,11 +151,14 @@ def window_attention_torch(
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
-    """softmax(scale q k^T + bias) v over (n, H, L, D). SDPA on GPU; on CPU the explicit form, which
-    measured ~20% faster than SDPA with a float mask for windows of 64 tokens (2 cores, torch 2.13)."""
-    if q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    return (q @ k.transpose(-1, -2) * scale + bias).softmax(-1) @ v
+    """softmax(scale q k^T + bias) v over (n, H, L, D), bias (H, L, L) shared or (n, H, L, L).
+
+    The shared bias goes to SDPA expanded to 4D (a stride-0 view, no copy): torch 2.13's CPU kernel
+    takes that ~3x faster than the 3D mask and 1.5x faster than an explicit matmul + softmax for
+    windows of 64 tokens (forward; forward + backward level; 2 cores, `benchmarks/RESULTS.md`)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1), scale=scale
+    )
 
 
 def _gather(x: Tensor, pos: Tensor) -> Tensor:
