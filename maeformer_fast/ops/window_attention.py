@@ -156,9 +156,7 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tens
     The shared bias goes to SDPA expanded to 4D (a stride-0 view, no copy): torch 2.13's CPU kernel
     takes that ~3x faster than the 3D mask and 1.5x faster than an explicit matmul + softmax for
     windows of 64 tokens (forward; forward + backward level; 2 cores, `benchmarks/RESULTS.md`)."""
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1), scale=scale
-    )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1), scale=scale)
 
 
 def _gather(x: Tensor, pos: Tensor) -> Tensor:
