@@ -21,7 +21,11 @@ Reported per case: ms/step, steps/s, voxels/s (crop voxels x batch per second), 
 torch.cuda.max_memory_allocated during the steps (weights, optimizer state and activations), and the
 static memory before the first step.
 
+On a CPU (``--cpu``) the small shape at batch 2 runs in fp32, sparse and dense pretraining and
+finetuning, each eager and compiled (inductor; needs a C++ compiler): the CPU effect of ``--compile``.
+
 Run:  python benchmarks/gpu_training.py --out $OUT --budget-s 150   (writes $OUT/training.json)
+      python benchmarks/gpu_training.py --cpu --budget-s 400         (the compile effect on this CPU)
       python benchmarks/gpu_training.py --cpu-smoke                 (tiny shapes on CPU, torch attention)
 """
 
@@ -63,6 +67,7 @@ SMOKE_SHAPES = {  # the small config's structure at a narrow width, tiny crops
     "small": ("small", (32, 32, 32), 1, {"embed_dim": 8, "num_heads": (1, 1, 2, 2)}),
     "synapse": ("small", (32, 48, 32), 1, {"embed_dim": 8, "num_heads": (1, 1, 2, 2)}),
 }
+CPU_SHAPES = {"small": ("small", (32, 48, 32), 2, {})}
 COMPILE_MIN_BUDGET_S = 40.0  # a compiled case starts only with this much budget left (compiles are slow)
 
 
@@ -96,6 +101,13 @@ def plan_cases() -> list[Case]:
         Case("pretrain", "synapse", "dense", compile=True),
     ]
     return cases
+
+
+def plan_cpu_cases() -> list[Case]:
+    """The small shape in fp32, every case eager then compiled."""
+    base = [Case("pretrain", "small", m, precision="fp32") for m in ("sparse", "dense")]
+    base.append(Case("finetune", "small", precision="fp32"))
+    return [Case(**{**asdict(c), "compile": compiled}) for c in base for compiled in (False, True)]
 
 
 def make_step(
@@ -240,14 +252,14 @@ def out_of_budget(signum: int, frame: object) -> None:
     raise TimeoutError("out of budget (--budget-s)")
 
 
-def environment(device: torch.device, smoke: bool) -> dict:
+def environment(device: torch.device, mode: str) -> dict:
     """The GPU and versions (``maeformer info``'s report) and what this run measured."""
     info = {
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "cuda": torch.version.cuda,
     }
     info.update(environment_report())
-    info["mode"] = "cpu-smoke (tiny shapes, torch attention, aot_eager compile)" if smoke else "cuda"
+    info["mode"] = mode
     return info
 
 
@@ -259,18 +271,21 @@ def main() -> int:
     parser.add_argument(
         "--budget-s", type=float, default=150.0, help="stop starting cases after this many seconds"
     )
+    parser.add_argument("--cpu", action="store_true", help="the small shape on CPU, eager vs compiled")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the script runs")
     args = parser.parse_args()
     started = time.perf_counter()
-    smoke = args.cpu_smoke
-    if not smoke and not torch.cuda.is_available():
-        print("no CUDA device: run with --cpu-smoke for a CPU check of the script", file=sys.stderr)
+    if args.cpu_smoke:  # no C++ toolchain needed for the smoke check
+        mode, shapes, cases, backend, seconds = "cpu-smoke", SMOKE_SHAPES, plan_cases(), "aot_eager", 0.5
+    elif args.cpu:
+        mode, shapes, cases, backend, seconds = "cpu", CPU_SHAPES, plan_cpu_cases(), "inductor", 8.0
+    elif torch.cuda.is_available():
+        mode, shapes, cases, backend, seconds = "cuda", SHAPES, plan_cases(), "inductor", 1.5
+    else:
+        print("no CUDA device: run with --cpu or --cpu-smoke", file=sys.stderr)
         return 2
-    device = torch.device("cpu" if smoke else "cuda")
-    shapes = SMOKE_SHAPES if smoke else SHAPES
-    backend = "aot_eager" if smoke else "inductor"  # no C++ toolchain needed for the CPU check
-    seconds = 0.5 if smoke else 1.5
-    result: dict = {"info": environment(device, smoke), "budget_s": args.budget_s}
+    device = torch.device("cuda" if mode == "cuda" else "cpu")
+    result: dict = {"info": environment(device, mode), "budget_s": args.budget_s}
     print(json.dumps(result["info"]))
     out = Path(args.out)
     path = out if out.suffix == ".json" else out / "training.json"
@@ -288,7 +303,7 @@ def main() -> int:
     rows: list[dict] = []
     result["cases"] = rows
     signal.signal(signal.SIGALRM, out_of_budget)
-    for case in plan_cases():
+    for case in cases:
         left = args.budget_s - (time.perf_counter() - started)
         if left < (COMPILE_MIN_BUDGET_S if case.compile else 3 * seconds):
             rows.append({"case": case.name, **asdict(case), "error": f"skipped: {left:.0f} s of budget left"})
