@@ -116,8 +116,10 @@ def _phantom(
         wobble=0.05,
         noise=_smooth_noise(rng, shape, 4),
     )
-    image[body] = 100.0 + 15.0 * _smooth_noise(rng, shape, 8)[body]
-    # Organs: at least one per class, classes in random order; later blobs overlap earlier ones.
+    image[body] = 100.0 + 10.0 * _smooth_noise(rng, shape, 8)[body]
+    # Organs: at least one per class, classes in random order; later blobs overlap earlier ones. Class c
+    # is brighter or darker than the body by 10 + 20 c (random sign per blob): every class has its own
+    # two intensity levels, at least 2 texture deviations from the body, so a short training learns all.
     classes = list(range(1, num_classes)) + list(rng.integers(1, num_classes, rng.integers(1, 4)))
     rng.shuffle(classes)
     texture = _smooth_noise(rng, shape, 12)
@@ -125,7 +127,7 @@ def _phantom(
         radii = rng.uniform(0.18, 0.4, 3) * (min(size) / size) ** 0.5
         centre = rng.uniform(-0.45, 0.45, 3)
         organ = _blob(grid, rng, centre, radii, wobble=0.25, noise=_smooth_noise(rng, shape, 6)) & body
-        mean = 100.0 + 50.0 * cls * rng.choice([-1, 1]) / num_classes + rng.normal(0, 5)
+        mean = 100.0 + (10.0 + 20.0 * cls) * rng.choice([-1, 1]) + rng.normal(0, 3)
         image[organ] = mean + 8.0 * texture[organ]
         label[organ] = cls
     bias = np.exp(0.2 * _smooth_noise(rng, shape, 2))

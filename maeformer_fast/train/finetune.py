@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,11 +15,10 @@ from ..data.cache import load_plan
 from ..models.config import get_config
 from ..models.nnformer import NNFormer
 from ..models.pretrained import init_from_encoder, save_segmenter
-from ..ops.window_groups import Triple
 from .checkpoint import CheckpointManager
 from .distributed import barrier, broadcast_from_main, mean_across_ranks
 from .evaluation import score_cases, summarise
-from .loop import Optimisation, prepare_model, setup_run
+from .loop import Optimisation, RunConfig, prepare_model, setup_run
 from .losses import deep_supervision_loss
 from .optim import make_scheduler, param_groups, poly, warmup_cosine
 from .runtime import CsvLog, autocast, check_finite, derive_seed, resolve_compile
@@ -29,26 +28,23 @@ OPTIMIZERS = {"adamw": {"lr": 1e-3, "weight_decay": 0.01}, "sgd": {"lr": 1e-2, "
 
 
 @dataclass
-class FinetuneConfig:
-    """A fine-tuning run; defaults train the small config at a CPU-feasible pace.
+class FinetuneConfig(RunConfig):
+    """A fine-tuning run: :class:`RunConfig`'s shared fields and its own; the defaults train the small
+    config at a CPU-feasible pace.
 
     Labeled cases are split once (``split_seed``) into test, validation and a training pool; the
-    ``labeled`` / ``labeled_fraction`` training cases are drawn from the pool by ``seed``.
+    ``labeled`` / ``labeled_fraction`` training cases are drawn from the pool by ``seed``. The batch
+    Dice of the loss is taken over each micro-batch of each rank, so a global batch split over ranks
+    or ``accumulate_steps`` is not one Dice over all of its samples.
     """
 
-    data: str
-    out: str
     init: str | None = None  # encoder.safetensors from pretraining; None = from scratch
-    model: str = "small"
-    crop_size: Triple | None = None
     labeled: int | None = None
     labeled_fraction: float | None = None
-    seed: int = 0
     split_seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.2
     steps: int = 300
-    batch_size: int = 2
     optimizer: str = "adamw"  # "adamw" (warmup + cosine) or "sgd" (nesterov 0.99, poly 0.9, nnU-Net)
     lr: float | None = None  # default per optimizer: adamw 1e-3, sgd 1e-2
     weight_decay: float | None = None  # default per optimizer: adamw 0.01, sgd 3e-5
@@ -59,21 +55,6 @@ class FinetuneConfig:
     val_every: int = 50
     max_val_cases: int | None = None
     evaluate_test: bool = True
-    loader: str = "torch"
-    num_workers: int = 2
-    precision: str = "auto"
-    device: str = "auto"
-    checkpoint_every: int = 100
-    resume: bool = False
-    cache_dir: str | None = None
-    deterministic: bool = False
-    progress: bool = True
-    model_overrides: dict = field(default_factory=dict)
-    # Per rank and micro-batch: the batch Dice of the loss is taken over each micro-batch of each rank,
-    # so a global batch split over ranks or micro-steps is not one Dice over all of its samples.
-    accumulate_steps: int = 1  # micro-batches of batch_size per optimizer step (per rank)
-    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
-    compile: bool | None = None  # torch.compile the transformer blocks; None: the device's default
 
 
 @dataclass
@@ -149,9 +130,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     """Fine-tune; validation Dice every ``val_every`` steps picks the best model; resumable."""
     from ..data import make_loader
 
-    run = setup_run(
-        config.data, config.out, config.cache_dir, config.device, config.precision, config.deterministic
-    )
+    run = setup_run(config)
     device, dist_info, out = run.device, run.dist, run.out
     plan = load_plan(run.cache)
     labeled_cases = [c["id"] for c in plan["cases"] if c["has_label"]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..models.blocks import TransformerBlock
+from ..ops.window_groups import Triple
 from .checkpoint import CheckpointManager
 from .distributed import DistInfo, barrier, init_distributed, no_sync, wrap_ddp
 from .runtime import pick_device, resolve_precision
@@ -29,23 +30,50 @@ class RunSetup:
     cache: Path
 
 
-def setup_run(
-    data: str, out: str, cache_dir: str | None, device: str, precision: str, deterministic: bool
-) -> RunSetup:
-    """Pick the device, join torchrun's process group, create ``out`` and build (rank 0) or wait for
-    the preprocessing cache of ``data``."""
+@dataclass
+class RunConfig:
+    """The fields every training run shares (pretraining and fine-tuning extend it).
+
+    ``data`` is a raw dataset folder (Decathlon layout or plain NIfTI folder; preprocessed and cached
+    on first use) or an existing preprocessing cache; ``out`` receives logs, checkpoints and weights.
+    """
+
+    data: str
+    out: str
+    model: str = "small"
+    crop_size: Triple | None = None  # default: the model config's crop
+    batch_size: int = 2
+    seed: int = 0
+    loader: str = "torch"
+    num_workers: int = 2
+    precision: str = "auto"
+    device: str = "auto"
+    checkpoint_every: int = 100
+    resume: bool = False
+    cache_dir: str | None = None
+    model_overrides: dict = field(default_factory=dict)
+    progress: bool = True
+    deterministic: bool = False  # deterministic kernels: bit-exact resume (slower scatter backward)
+    accumulate_steps: int = 1  # micro-batches of batch_size per optimizer step (per rank)
+    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
+    compile: bool | None = None  # torch.compile the transformer blocks; None: the device's default
+
+
+def setup_run(config: RunConfig) -> RunSetup:
+    """Pick the device, join torchrun's process group, create ``config.out`` and build (rank 0) or
+    wait for the preprocessing cache of ``config.data``."""
     from ..data import ensure_preprocessed
 
-    torch_device = pick_device(device)
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch_device = pick_device(config.device)
+    torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
     dist_info = init_distributed(torch_device)
-    out_path = Path(out)
+    out_path = Path(config.out)
     out_path.mkdir(parents=True, exist_ok=True)
-    cache = ensure_preprocessed(data, cache_dir) if dist_info.is_main else None
+    cache = ensure_preprocessed(config.data, config.cache_dir) if dist_info.is_main else None
     barrier(dist_info)
-    cache = cache or ensure_preprocessed(data, cache_dir)
+    cache = cache or ensure_preprocessed(config.data, config.cache_dir)
     return RunSetup(
-        torch_device, resolve_precision(precision, torch_device), dist_info, out_path, Path(cache)
+        torch_device, resolve_precision(config.precision, torch_device), dist_info, out_path, Path(cache)
     )
 
 

@@ -6,7 +6,7 @@ import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -16,10 +16,9 @@ from ..models.config import get_config
 from ..models.mae import MaskedAutoencoder, expand_units, patchify, unpatchify
 from ..models.pretrained import save_encoder
 from ..ops.masking import random_unit_mask, visible_mask_grid
-from ..ops.window_groups import Triple
 from .checkpoint import CheckpointManager, unwrap
 from .distributed import barrier, mean_across_ranks
-from .loop import Optimisation, prepare_model, setup_run
+from .loop import Optimisation, RunConfig, prepare_model, setup_run
 from .optim import make_scheduler, param_groups, warmup_cosine
 from .previews import save_reconstruction_png
 from .runtime import (
@@ -33,20 +32,12 @@ from .runtime import (
 
 
 @dataclass
-class PretrainConfig:
-    """Everything a pretraining run needs; defaults train the small config at a CPU-feasible pace.
+class PretrainConfig(RunConfig):
+    """A pretraining run: :class:`RunConfig`'s shared fields and the MAE's own; the defaults train the
+    small config at a CPU-feasible pace. Labels in ``data``, if any, are never read."""
 
-    ``data`` is a raw dataset folder (Decathlon layout or plain NIfTI folder; preprocessed and cached
-    on first use) or an existing preprocessing cache. Labels, if any, are never read.
-    """
-
-    data: str
-    out: str
-    model: str = "small"
-    crop_size: Triple | None = None  # default: the model config's crop
     mask_ratio: float = 0.75
     encoder: str = "sparse"  # "sparse" (visible-only MAE) or "dense" (SimMIM-style baseline)
-    batch_size: int = 2
     steps: int = 200
     warmup_steps: int | None = None  # default: 5% of steps
     lr: float = 5e-4
@@ -56,22 +47,8 @@ class PretrainConfig:
     norm_pix_loss: bool = True
     decoder_dim: int = 128
     decoder_depth: int = 2
-    seed: int = 0
-    loader: str = "torch"
-    num_workers: int = 2
-    precision: str = "auto"
-    device: str = "auto"
-    checkpoint_every: int = 100
     preview_every: int = 100
     log_every: int = 10
-    resume: bool = False
-    cache_dir: str | None = None
-    model_overrides: dict = field(default_factory=dict)
-    progress: bool = True
-    deterministic: bool = False  # deterministic kernels: bit-exact resume (slower scatter backward)
-    accumulate_steps: int = 1  # micro-batches of batch_size per optimizer step (per rank)
-    activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
-    compile: bool | None = None  # torch.compile the transformer blocks; None: the device's default
 
 
 @dataclass
@@ -135,9 +112,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     """Pretrain; resumes from ``out/checkpoints`` when ``config.resume`` and a checkpoint exists."""
     from ..data import make_loader
 
-    run = setup_run(
-        config.data, config.out, config.cache_dir, config.device, config.precision, config.deterministic
-    )
+    run = setup_run(config)
     device, precision, dist_info, out = run.device, run.precision, run.dist, run.out
 
     torch.manual_seed(config.seed)
