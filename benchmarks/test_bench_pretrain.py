@@ -2,14 +2,17 @@
 
 One training step = forward, masked-unit loss, backward and AdamW update, mask ratio 0.75, random
 inputs. Ratios are computed inside one run (machines are noisy). Also reported per mode: the saved
-activation bytes of the step (CPU and GPU) and the CUDA peak memory, and the analytic encoder FLOPs
-(``torch.utils.flop_counter``) of sparse vs dense.
+activation bytes of the step (CPU and GPU) and the CUDA peak memory, the analytic encoder FLOPs
+(``torch.utils.flop_counter``) of sparse vs dense, and the MAE decoder's share of the sparse step
+(counted forward FLOPs, and decoder + loss forward/backward time against the whole step).
 
 Run: pytest benchmarks/test_bench_pretrain.py --benchmark-only -s
 """
 
 import gc
 import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -112,3 +115,49 @@ def test_encoder_flops_ratio(benchmark, case):
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
     print(f"\n{case}: encoder GFLOPs dense {flops['dense'] / 1e9:.2f}, sparse {flops['sparse'] / 1e9:.2f} "
           f"(ratio {ratio:.3f}; visible share 0.25)")  # fmt: skip
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_decoder_share(benchmark, case):
+    """The MAE decoder's cost within a sparse step: forward FLOPs counted per module, and the time of
+    decoder + loss forward and backward (from fixed encoder features) against the whole step."""
+    name, crop, batch = CASES[case]
+    model, images, unit_grid, step = make_step(name, crop, batch, "sparse")
+    ids = random_unit_mask(batch, unit_grid, 0.75, device=DEVICE)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(images, ids)
+    flops = {module: sum(ops.values()) for module, ops in counter.get_flop_counts().items()}
+    flop_share = flops["MaskedAutoencoder.decoder"] / flops["MaskedAutoencoder"]
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else None
+    with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None):
+        features = model.forward_encoder(images, ids).detach().requires_grad_()
+
+    def decoder_step():
+        with torch.autocast(DEVICE.type, dtype=dtype, enabled=dtype is not None):
+            prediction = model.forward_decoder(features, ids, unit_grid)
+            loss = model.forward_loss(images, prediction, ids)
+        loss.backward()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+
+    repeats = 10 if DEVICE.type == "cuda" else 5
+    time_share = median_seconds(decoder_step, repeats) / median_seconds(step, repeats)
+    benchmark.group = f"mae decoder {case} {DEVICE.type}"
+    benchmark.pedantic(decoder_step, rounds=repeats, iterations=1, warmup_rounds=1)
+    benchmark.extra_info.update(decoder_flop_share=flop_share, decoder_time_share=time_share)
+    print(f"\n{case} sparse: MAE decoder {flops['MaskedAutoencoder.decoder'] / 1e9:.3f} of "
+          f"{flops['MaskedAutoencoder'] / 1e9:.3f} forward GFLOPs ({flop_share:.1%}); decoder + loss "
+          f"forward/backward {time_share:.1%} of the step time")  # fmt: skip
