@@ -121,7 +121,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train.predict import evaluate, format_table
 
-    result = evaluate(args.pred, args.ref, args.out)
+    result = evaluate(args.pred, args.ref, args.out, args.classes)
     print(format_table(result["summary"]))
     print(f"per-case scores: {Path(args.out or args.pred) / 'scores.csv'}")
     return 0
@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     fine.set_defaults(func=cmd_finetune)
 
     pred = sub.add_parser("predict", help="segment NIfTI volumes; labels written in each input's geometry")
-    pred.add_argument("--model", required=True, help="model.safetensors written by `maeformer finetune`")
+    pred.add_argument(
+        "--model", required=True, help="model.safetensors of `maeformer finetune`, or its output folder"
+    )
     pred.add_argument("--input", required=True, help="a NIfTI file or a folder of them")
     pred.add_argument("--out", required=True, help="output folder for <case>.nii.gz label maps")
     pred.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: auto)")
@@ -207,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--pred", required=True, help="folder of predicted label maps")
     ev.add_argument("--ref", required=True, help="folder of reference label maps (matched by file name)")
     ev.add_argument("--out", default=None, help="where scores.csv/json go (default: --pred)")
+    ev.add_argument(
+        "--classes", type=int, nargs="+", default=None, help="labels to score (default: all nonzero found)"
+    )
     ev.set_defaults(func=cmd_evaluate)
 
     from .data.commands import add_commands
@@ -218,9 +223,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a subcommand. Errors about the user's input (missing or bad files, invalid options, a
+    diverged loss) print one line naming the problem and exit 2; ``MAEFORMER_TRACEBACK=1`` re-raises
+    them with the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (OSError, ValueError, RuntimeError) as error:
+        from .train.runtime import NonFiniteLossError  # imports torch: not before a command needs it
+
+        user_error = isinstance(error, (OSError, ValueError, NonFiniteLossError))
+        if not user_error or os.environ.get("MAEFORMER_TRACEBACK") == "1":
+            raise
+        print(f"maeformer {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Fine-tuning, sliding-window inference, prediction geometry, metrics and encoder loading rules."""
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -78,9 +79,9 @@ def test_short_finetune_reaches_non_trivial_dice_and_predicts_in_source_geometry
     config = FinetuneConfig(data=str(phantom_dataset), out=str(tmp_path / "ft"), steps=120, val_every=60,
                             num_workers=0, progress=False, max_val_cases=2, evaluate_test=False)  # fmt: skip
     result = finetune(config)
-    # An all-background predictor scores 0; the phantoms' organs differ little from each other in
-    # intensity, and 120 CPU steps reach about 0.1 mean foreground Dice (seed 0: 0.115).
-    assert result.best_val_dice > 0.08, result.curve
+    # An all-background predictor scores 0; 120 CPU steps on these small phantoms reach about 0.18 mean
+    # foreground Dice (seed 0: 0.181), the bound leaves room for other CPUs' arithmetic.
+    assert result.best_val_dice > 0.12, result.curve
     assert [step for step, _ in result.curve] == [60, 120]
 
     import nibabel as nib
@@ -92,7 +93,7 @@ def test_short_finetune_reaches_non_trivial_dice_and_predicts_in_source_geometry
     for case in result.splits["test"][:2]:
         shutil.copy(dataset / "imagesTr" / f"{case}.nii.gz", inputs)
         shutil.copy(dataset / "labelsTr" / f"{case}.nii.gz", refs)
-    written = predict(result.model_path, inputs, tmp_path / "pred")
+    written = predict(result.out, inputs, tmp_path / "pred")  # the run folder: its best model
     for path in written:
         source = nib.load(str(inputs / path.name))
         predicted = nib.load(str(path))
@@ -102,6 +103,39 @@ def test_short_finetune_reaches_non_trivial_dice_and_predicts_in_source_geometry
     scores = evaluate(tmp_path / "pred", refs)
     assert set(scores["summary"]) == {"1", "2"}
     assert (tmp_path / "pred" / "scores.csv").is_file()
+
+
+def test_evaluate_files_with_known_answers_counts_false_positive_classes(tmp_path, capsys):
+    from maeformer_fast.cli import main
+    from maeformer_fast.data import write_nifti
+
+    affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    ref_a, pred_a = np.zeros((8, 8, 8), np.uint8), np.zeros((8, 8, 8), np.uint8)
+    ref_a[2:4, 2:4, 2:4] = pred_a[2:4, 2:4, 2:4] = 1
+    pred_a[6, 6, 6] = 2  # class 2 predicted where the reference has none
+    ref_b, pred_b = np.zeros((8, 8, 8), np.uint8), np.zeros((8, 8, 8), np.uint8)
+    ref_b[1:3, 1:3, 1:3] = pred_b[1:3, 1:3, 1:3] = 1
+    ref_b[5:7, 5:7, 5:7] = 2
+    pred_b[5:7, 5:7, 5:6] = 2  # half of the reference: Dice 2 * 4 / (8 + 4)
+    for name, ref, pred in (("a", ref_a, pred_a), ("b", ref_b, pred_b)):
+        write_nifti(tmp_path / "ref" / f"{name}.nii.gz", ref, affine)
+        write_nifti(tmp_path / "pred" / f"{name}.nii.gz", pred, affine)
+
+    summary = evaluate(tmp_path / "pred", tmp_path / "ref", tmp_path / "scores")["summary"]
+    assert summary["1"]["dice"] == {"mean": 1.0, "std": 0.0, "count": 2}
+    assert summary["1"]["hd95"]["mean"] == 0.0
+    assert summary["2"]["dice"]["mean"] == pytest.approx(1 / 3)
+    assert summary["2"]["dice"]["std"] == pytest.approx(1 / 3)
+    assert summary["2"]["hd95"]["count"] == 1  # undefined for the false positive: one mask empty
+    rows = (tmp_path / "scores" / "scores.csv").read_text().splitlines()
+    assert rows[0] == "case,class,dice,hd95" and len(rows) == 5
+
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+                 "--out", str(tmp_path / "only1"), "--classes", "1"]) == 0  # fmt: skip
+    assert list(json.loads((tmp_path / "only1" / "scores.json").read_text())["summary"]) == ["1"]
+    assert main(["predict", "--model", str(tmp_path / "no_model"), "--input", str(tmp_path / "ref"),
+                 "--out", str(tmp_path / "out")]) == 2  # fmt: skip
+    assert "no_model" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="the shared hippocampus data is not beside the checkout")

@@ -43,13 +43,18 @@ def group_channels(files: list[Path], num_channels: int) -> dict[str, list[Path]
 def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device: str = "auto",
             precision: str = "auto", overlap: float = 0.5, mirror: bool = False) -> list[Path]:  # fmt: skip
     """Segment every volume under ``inputs`` and write ``<case>.nii.gz`` label maps (uint8) to ``out``,
-    in each input's own shape, affine and orientation (preprocessing undone)."""
+    in each input's own shape, affine and orientation (preprocessing undone).
+
+    ``model_path``: a model file, or a fine-tuning output folder (its best ``model.safetensors``)."""
     from ..data import preprocess_volume, restore_to_original, write_nifti
     from ..models.pretrained import load_segmenter
 
     torch_device = pick_device(device)
     resolved = resolve_precision(precision, torch_device)
-    model, plan, _ = load_segmenter(Path(model_path))
+    model_path = Path(model_path)
+    if model_path.is_dir():
+        model_path = model_path / "model.safetensors"
+    model, plan, _ = load_segmenter(model_path)
     model.to(torch_device)
     crop = model.config.crop_size
     out = Path(out)
@@ -69,9 +74,11 @@ def evaluate(pred: str | Path, ref: str | Path, out: str | Path | None = None,
              classes: list[int] | None = None) -> dict:  # fmt: skip
     """Dice and HD95 (mm, from the reference's voxel spacing) per class and case.
 
-    Files are matched by name. Writes ``scores.csv`` (one row per case and class) and ``scores.json``
-    (per case and summary: mean, std, count per class) to ``out`` (default: ``pred``). Empty-mask
-    conventions are those of :mod:`maeformer_fast.train.metrics`.
+    Files are matched by name. ``classes``: the foreground labels to score; default every nonzero
+    label found in any reference or prediction, so a class predicted where the reference has none
+    scores Dice 0 (a false positive) instead of being left out. Writes ``scores.csv`` (one row per case
+    and class) and ``scores.json`` (per case and summary: mean, std, count per class) to ``out``
+    (default: ``pred``). Empty-mask conventions are those of :mod:`maeformer_fast.train.metrics`.
     """
     from ..data.io import read_volume, strip_nifti_suffix
 
@@ -80,17 +87,26 @@ def evaluate(pred: str | Path, ref: str | Path, out: str | Path | None = None,
     missing = sorted(set(ref_files) - set(pred_files))
     if missing:
         raise FileNotFoundError(f"{pred}: no prediction for reference cases {missing[:10]}")
-    rows = []
-    per_case: dict[str, dict] = {}
-    for name in tqdm(sorted(ref_files), desc="evaluate", unit="case"):
+    names = sorted(ref_files)
+
+    def label_pair(name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
         reference = read_volume(ref_files[name], kind="label")
         prediction = read_volume(pred_files[name], kind="label")
         if not np.allclose(reference.affine, prediction.affine, atol=1e-3):
             raise ValueError(f"{pred_files[name]}: affine differs from the reference {ref_files[name]}")
-        ref_labels = np.rint(reference.data).astype(np.int64)
-        wanted = classes or sorted(int(c) for c in np.unique(ref_labels) if c != 0)
-        spacing = reference.spacing
-        scores = per_class_scores(np.rint(prediction.data).astype(np.int64), ref_labels, wanted, spacing)
+        as_int = [np.rint(v.data).astype(np.int64) for v in (prediction, reference)]
+        return as_int[0], as_int[1], reference.spacing
+
+    if not classes:  # a first pass over the labels: volumes are not all held in memory at once
+        found: set[int] = set()
+        for name in tqdm(names, desc="find classes", unit="case"):
+            found.update(int(c) for labels in label_pair(name)[:2] for c in np.unique(labels))
+        classes = sorted(found - {0})
+    rows = []
+    per_case: dict[str, dict] = {}
+    for name in tqdm(names, desc="evaluate", unit="case"):
+        predicted, reference_labels, spacing = label_pair(name)
+        scores = per_class_scores(predicted, reference_labels, classes, spacing)
         per_case[name] = {str(c): v for c, v in scores.items()}
         rows += [{"case": name, "class": c, **v} for c, v in scores.items()]
     summary = {}
