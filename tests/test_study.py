@@ -9,6 +9,7 @@ def test_parse_labeled_and_steps_to_fraction():
     assert parse_labeled("4, 16,all") == [4, 16, None]
     assert steps_to_fraction([(10, 0.2), (20, 0.58), (30, 0.6), (40, 0.5)]) == 20
     assert steps_to_fraction([]) is None
+    assert steps_to_fraction([(10, 0.5), (20, 0.9), (30, 0.52)]) == 10  # of the final Dice, not the best
 
 
 def test_study_end_to_end_and_resume(phantom_cache, tmp_path, capsys):

@@ -94,11 +94,12 @@ def parse_arms(text: str) -> list[str]:
 
 
 def steps_to_fraction(curve: list[tuple[int, float]], fraction: float = 0.95) -> int | None:
-    """First validation step whose Dice reaches ``fraction`` of the curve's best (None if no curve)."""
+    """First validation step whose Dice reaches ``fraction`` of the curve's final Dice (None if no
+    curve): how fast an arm gets near where it ends."""
     if not curve:
         return None
-    best = max(d for _, d in curve)
-    return next(step for step, dice in curve if dice >= fraction * best)
+    final = curve[-1][1]
+    return next(step for step, dice in curve if dice >= fraction * final)
 
 
 def pretraining_view(cache: Path, exclude: set[str], view: Path) -> Path:

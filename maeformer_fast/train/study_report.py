@@ -160,7 +160,7 @@ def markdown_report(rows: list[dict], pretrained: dict, config: Any, effects: li
         "## Arms side by side (mean ± std over seeds)",
         "",
         "| labeled | arm | seeds | test Dice 1 | test Dice 2 | test Dice mean | test HD95 mean | "
-        "best val Dice | steps to 95% of best val | wall time (s) |",
+        "best val Dice | steps to 95% of final val | wall time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in arm_summary(rows):
