@@ -327,6 +327,23 @@ def test_triton_property(lengths, window, head_dim, seed):
     assert_matches_reference("triton", on_device(packed_groups(lengths, window, 2, head_dim, seed)), window)
 
 
+@settings(max_examples=12, deadline=None)
+@given(
+    grid=st.tuples(st.integers(2, 7), st.integers(2, 7), st.integers(2, 7)),
+    window=st.sampled_from([(2, 2, 2), (3, 3, 3), (3, 5, 5), (4, 2, 3)]),
+    shifted=st.booleans(),
+    keep=st.sampled_from([0.25, 0.6, 1.0]),
+    head_dim=st.sampled_from([16, 32]),
+    seed=st.integers(0, 2**16),
+)
+@needs_triton
+def test_triton_property_shifted_windows_on_odd_grids(grid, window, shifted, keep, head_dim, seed):
+    # Grids not divisible by the window, plain or shifted by half a window, with visible-only tokens.
+    shift = tuple(w // 2 for w in window) if shifted else (0, 0, 0)
+    case = shifted_case(grid, window, shift, keep, num_heads=2, head_dim=head_dim, seed=seed, batch_size=1)
+    assert_matches_reference("triton", on_device(case), window)
+
+
 @needs_triton
 def test_triton_non_contiguous_inputs():
     # q, k, v as a model makes them (unbind of a fused projection) and as a dense transposed view.
