@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import warnings
 
 import pytest
@@ -74,15 +75,23 @@ def assert_same(actual, expected, exact: bool) -> None:
         torch.testing.assert_close(actual[1][name], grad, **tolerance, msg=lambda m, n=name: f"{n}: {m}")
 
 
+# inductor (what `--compile` uses) generates and builds C++ on the CPU: it needs a compiler.
+INDUCTOR = pytest.param(
+    "inductor", marks=pytest.mark.skipif(shutil.which("g++") is None, reason="inductor needs a C++ compiler")
+)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", INDUCTOR])
 @pytest.mark.parametrize(
     ("build", "loss_fn", "checkpointing"), [(segmenter, segmenter_loss, False), (mae, mae_loss, True)]
 )
-def test_compiled_blocks_match_eager_without_graph_breaks(build, loss_fn, checkpointing):
+def test_compiled_blocks_match_eager_without_graph_breaks(build, loss_fn, checkpointing, backend):
     eager = build(drop_path_rate=0.0)  # compiled RNG streams differ from eager ones
     compiled = copy.deepcopy(eager)
     counters.clear()
+    torch._dynamo.reset()  # each backend compiles from scratch
     prepare_model(compiled, DistInfo(), CPU, compile_blocks=True, activation_checkpointing=checkpointing,
-                  compile_backend="aot_eager")  # fmt: skip
+                  compile_backend=backend)  # fmt: skip
     for seed in (0, 1):  # the second sparse batch has other window counts: a dynamic-shape graph
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
