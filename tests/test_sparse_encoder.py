@@ -39,11 +39,17 @@ def test_sparse_encoder_equals_dense_masked_reference(overrides, size, ratio, se
         torch.testing.assert_close(tokens.features, visible_values(dense, tokens), atol=2e-5, rtol=1e-4,
                                    msg=lambda m, s=stage: f"stage {s}: {m}")  # fmt: skip
 
-    # Gradients sum over many positions, so compare them in float64 where summation order is invisible.
+    assert_same_gradients(encoder, images, ids, masked_dense_encoder)
+
+
+def assert_same_gradients(encoder, images, ids, dense_maps):
+    """Parameter gradients of a random linear function of the visible tokens, sparse vs the dense maps
+    of ``dense_maps(encoder, images, ids)`` read at the same positions. In float64: gradients sum over
+    many positions, and there the summation order is invisible."""
     encoder.double()
     images = images.double()
     sparse = encoder.forward_visible(images, ids)
-    reference = masked_dense_encoder(encoder, images, ids)
+    reference = dense_maps(encoder, images, ids)
     weights = [torch.randn_like(t.features) for t in sparse]
     sparse_loss = sum((t.features * w).sum() for t, w in zip(sparse, weights))
     grads = torch.autograd.grad(sparse_loss, list(encoder.parameters()))
@@ -62,6 +68,9 @@ def test_zero_mask_ratio_equals_plain_dense_encoder():
         torch.testing.assert_close(
             tokens.features, visible_values(dense.to_grid(), tokens), atol=2e-5, rtol=1e-4
         )
+    assert_same_gradients(
+        encoder, images, ids, lambda enc, x, _ids: [t.to_grid() for t in enc.forward_tokens(x)]
+    )
 
 
 def test_masked_voxels_are_never_read():
