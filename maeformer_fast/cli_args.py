@@ -32,7 +32,8 @@ def add_dataclass_arguments(
         text = helps.get(f.name, "")
         kwargs: dict[str, Any] = {
             "dest": f.name,
-            "help": f"{text} (default: {default})" if has_default else text,
+            # A help text that explains its default itself (e.g. "default: OUT") keeps its own words.
+            "help": f"{text} (default: {default})" if has_default and "(default:" not in text else text,
         }
         if not has_default:
             kwargs["required"] = True
