@@ -60,6 +60,35 @@ def _bias_rows(dz, dy, dx, WZ, WY, WX):
 
 
 @triton.jit
+def _load_coords(COORDS, idx, ok):
+    """(z, y, x) positions of tokens ``idx`` (int64), 0 where not ``ok``."""
+    z = tl.load(COORDS + idx * 3, mask=ok, other=0)
+    y = tl.load(COORDS + idx * 3 + 1, mask=ok, other=0)
+    x = tl.load(COORDS + idx * 3 + 2, mask=ok, other=0)
+    return z, y, x
+
+
+@triton.jit
+def _group_span(CU, SEG, first, T, BLOCK):
+    """Token range [lo, hi) of the groups that tokens first .. first + BLOCK - 1 belong to: the only
+    partners those tokens can have."""
+    last = tl.minimum(first + BLOCK, T) - 1
+    lo = tl.load(CU + tl.load(SEG + first))
+    hi = tl.load(CU + tl.load(SEG + last) + 1)
+    return lo, hi
+
+
+@triton.jit
+def _bias_tile(BIAS, H, h, dz, dy, dx, same, WZ, WY, WX):
+    """fp32 bias of head h for coordinate differences (query - key) of a tile, 0 for pairs not in one
+    group; also the table rows and the mask of pairs that read one."""
+    row, inside = _bias_rows(dz, dy, dx, WZ, WY, WX)
+    used = same & inside
+    bias = tl.load(BIAS + row.to(tl.int64) * H + h, mask=used, other=0.0).to(tl.float32)
+    return bias, row, used
+
+
+@triton.jit
 def _fwd_kernel(
     Q,
     K,
@@ -89,19 +118,13 @@ def _fwd_kernel(
     m_ok = offs_m < T
     d_ok = offs_d < D
     rows = offs_m.to(tl.int64)
-    # Key range: from the start of the first query's group to the end of the last query's group.
-    first = pid * BLOCK_M
-    last = tl.minimum(first + BLOCK_M, T) - 1
-    n_lo = tl.load(CU + tl.load(SEG + first))
-    n_hi = tl.load(CU + tl.load(SEG + last) + 1)
+    n_lo, n_hi = _group_span(CU, SEG, pid * BLOCK_M, T, BLOCK_M)
 
     q = tl.load(
         Q + (rows[:, None] * H + h) * D + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0
     )
     seg_q = tl.load(SEG + offs_m, mask=m_ok, other=-1)  # -1 never equals a key's group
-    qz = tl.load(COORDS + rows * 3, mask=m_ok, other=0)
-    qy = tl.load(COORDS + rows * 3 + 1, mask=m_ok, other=0)
-    qx = tl.load(COORDS + rows * 3 + 2, mask=m_ok, other=0)
+    qz, qy, qx = _load_coords(COORDS, rows, m_ok)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -115,14 +138,12 @@ def _fwd_kernel(
         k = tl.load(K + kv_off, mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
         seg_k = tl.load(SEG + offs_n, mask=n_ok, other=-2)
-        kz = tl.load(COORDS + cols * 3, mask=n_ok, other=0)
-        ky = tl.load(COORDS + cols * 3 + 1, mask=n_ok, other=0)
-        kx = tl.load(COORDS + cols * 3 + 2, mask=n_ok, other=0)
+        kz, ky, kx = _load_coords(COORDS, cols, n_ok)
         same = seg_q[:, None] == seg_k[None, :]  # [BLOCK_M, BLOCK_N]
-        row, inside = _bias_rows(
-            qz[:, None] - kz[None, :], qy[:, None] - ky[None, :], qx[:, None] - kx[None, :], WZ, WY, WX
-        )
-        bias = tl.load(BIAS + row.to(tl.int64) * H + h, mask=same & inside, other=0.0).to(tl.float32)
+        bias, _, _ = _bias_tile(
+            BIAS, H, h, qz[:, None] - kz[None, :], qy[:, None] - ky[None, :], qx[:, None] - kx[None, :],
+            same, WZ, WY, WX,
+        )  # fmt: skip
 
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias * 1.4426950408889634
         s = tl.where(same, s, float("-inf"))
@@ -179,10 +200,7 @@ def _bwd_dq_kernel(
     m_ok = offs_m < T
     d_ok = offs_d < D
     rows = offs_m.to(tl.int64)
-    first = pid * BLOCK_M
-    last = tl.minimum(first + BLOCK_M, T) - 1
-    n_lo = tl.load(CU + tl.load(SEG + first))
-    n_hi = tl.load(CU + tl.load(SEG + last) + 1)
+    n_lo, n_hi = _group_span(CU, SEG, pid * BLOCK_M, T, BLOCK_M)
 
     qo_off = (rows[:, None] * H + h) * D + offs_d[None, :]
     qo_ok = m_ok[:, None] & d_ok[None, :]
@@ -191,9 +209,7 @@ def _bwd_dq_kernel(
     lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + rows * H + h, mask=m_ok, other=0.0)
     seg_q = tl.load(SEG + offs_m, mask=m_ok, other=-1)
-    qz = tl.load(COORDS + rows * 3, mask=m_ok, other=0)
-    qy = tl.load(COORDS + rows * 3 + 1, mask=m_ok, other=0)
-    qx = tl.load(COORDS + rows * 3 + 2, mask=m_ok, other=0)
+    qz, qy, qx = _load_coords(COORDS, rows, m_ok)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -205,14 +221,12 @@ def _bwd_dq_kernel(
         k = tl.load(K + kv_off, mask=kv_ok, other=0.0)
         v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
         seg_k = tl.load(SEG + offs_n, mask=n_ok, other=-2)
-        kz = tl.load(COORDS + cols * 3, mask=n_ok, other=0)
-        ky = tl.load(COORDS + cols * 3 + 1, mask=n_ok, other=0)
-        kx = tl.load(COORDS + cols * 3 + 2, mask=n_ok, other=0)
+        kz, ky, kx = _load_coords(COORDS, cols, n_ok)
         same = seg_q[:, None] == seg_k[None, :]
-        row, inside = _bias_rows(
-            qz[:, None] - kz[None, :], qy[:, None] - ky[None, :], qx[:, None] - kx[None, :], WZ, WY, WX
-        )
-        bias = tl.load(BIAS + row.to(tl.int64) * H + h, mask=same & inside, other=0.0).to(tl.float32)
+        bias, _, _ = _bias_tile(
+            BIAS, H, h, qz[:, None] - kz[None, :], qy[:, None] - ky[None, :], qx[:, None] - kx[None, :],
+            same, WZ, WY, WX,
+        )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2 + bias * 1.4426950408889634
         p = tl.where(same, tl.exp2(s - lse[:, None]), 0.0)  # [BLOCK_M, BLOCK_N], the softmax itself
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -270,13 +284,8 @@ def _bwd_dkdv_kernel(
         k = tl.load(K + kv_off, mask=kv_ok, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(V + kv_off, mask=kv_ok, other=0.0)
         seg_k = tl.load(SEG + offs_n, mask=n_ok, other=-2)
-        kz = tl.load(COORDS + cols * 3, mask=n_ok, other=0)
-        ky = tl.load(COORDS + cols * 3 + 1, mask=n_ok, other=0)
-        kx = tl.load(COORDS + cols * 3 + 2, mask=n_ok, other=0)
-        first = kb * BLOCK_N
-        last = tl.minimum(first + BLOCK_N, T) - 1
-        m_lo = tl.load(CU + tl.load(SEG + first))
-        m_hi = tl.load(CU + tl.load(SEG + last) + 1)
+        kz, ky, kx = _load_coords(COORDS, cols, n_ok)
+        m_lo, m_hi = _group_span(CU, SEG, kb * BLOCK_N, T, BLOCK_N)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -291,18 +300,14 @@ def _bwd_dkdv_kernel(
             lse = tl.load(LSE + rows * H + h, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + rows * H + h, mask=m_ok, other=0.0)
             seg_q = tl.load(SEG + offs_m, mask=m_ok, other=-1)
-            qz = tl.load(COORDS + rows * 3, mask=m_ok, other=0)
-            qy = tl.load(COORDS + rows * 3 + 1, mask=m_ok, other=0)
-            qx = tl.load(COORDS + rows * 3 + 2, mask=m_ok, other=0)
+            qz, qy, qx = _load_coords(COORDS, rows, m_ok)
 
             # Transposed tiles, [BLOCK_N, BLOCK_M]: keys along rows so dK, dV accumulate by plain dots.
             same_t = seg_k[:, None] == seg_q[None, :]
-            row_t, inside_t = _bias_rows(
-                qz[None, :] - kz[:, None], qy[None, :] - ky[:, None], qx[None, :] - kx[:, None], WZ, WY, WX
-            )
-            bias_t = tl.load(BIAS + row_t.to(tl.int64) * H + h, mask=same_t & inside_t, other=0.0).to(
-                tl.float32
-            )
+            bias_t, row_t, used_t = _bias_tile(
+                BIAS, H, h, qz[None, :] - kz[:, None], qy[None, :] - ky[:, None], qx[None, :] - kx[:, None],
+                same_t, WZ, WY, WX,
+            )  # fmt: skip
             s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale_log2 + bias_t * 1.4426950408889634
             p_t = tl.where(same_t, tl.exp2(s_t - lse[None, :]), 0.0)
             dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
@@ -316,7 +321,7 @@ def _bwd_dkdv_kernel(
                 pick = key_index == j
                 ds_j = tl.sum(tl.where(pick[:, None], ds_t, 0.0), 0)  # [BLOCK_M]
                 row_j = tl.sum(tl.where(pick[:, None], row_t, 0), 0)
-                ok_j = tl.sum(tl.where(pick[:, None], (same_t & inside_t).to(tl.int32), 0), 0) > 0
+                ok_j = tl.sum(tl.where(pick[:, None], used_t.to(tl.int32), 0), 0) > 0
                 old = tl.load(table + row_j, mask=ok_j, other=0.0)
                 tl.store(table + row_j, old + ds_j, mask=ok_j)
                 # The next key may hit the same rows from other threads: make the stores visible.
