@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .evaluation import predict_case
-from .metrics import per_class_scores
+from .metrics import dice, hd95, per_class_scores
 from .runtime import pick_device, resolve_precision
 
 
@@ -87,30 +87,27 @@ def evaluate(pred: str | Path, ref: str | Path, out: str | Path | None = None,
     missing = sorted(set(ref_files) - set(pred_files))
     if missing:
         raise FileNotFoundError(f"{pred}: no prediction for reference cases {missing[:10]}")
-    names = sorted(ref_files)
-
-    def label_pair(name: str) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    found: dict[str, dict[int, dict[str, float]]] = {}
+    for name in tqdm(sorted(ref_files), desc="evaluate", unit="case"):
         reference = read_volume(ref_files[name], kind="label")
         prediction = read_volume(pred_files[name], kind="label")
         if not np.allclose(reference.affine, prediction.affine, atol=1e-3):
             raise ValueError(f"{pred_files[name]}: affine differs from the reference {ref_files[name]}")
-        as_int = [np.rint(v.data).astype(np.int64) for v in (prediction, reference)]
-        return as_int[0], as_int[1], reference.spacing
-
-    if not classes:  # a first pass over the labels: volumes are not all held in memory at once
-        found: set[int] = set()
-        for name in tqdm(names, desc="find classes", unit="case"):
-            found.update(int(c) for labels in label_pair(name)[:2] for c in np.unique(labels))
-        classes = sorted(found - {0})
-    rows = []
-    per_case: dict[str, dict] = {}
-    for name in tqdm(names, desc="evaluate", unit="case"):
-        predicted, reference_labels, spacing = label_pair(name)
-        scores = per_class_scores(predicted, reference_labels, classes, spacing)
-        per_case[name] = {str(c): v for c, v in scores.items()}
-        rows += [{"case": name, "class": c, **v} for c, v in scores.items()]
+        predicted, expected = (np.rint(v.data).astype(np.int64) for v in (prediction, reference))
+        present = classes or sorted(
+            (set(np.unique(predicted).tolist()) | set(np.unique(expected).tolist())) - {0}
+        )
+        found[name] = per_class_scores(predicted, expected, present, reference.spacing)
+    # A class found in other cases but in neither mask of this one scores as two empty masks (no re-read).
+    scored = classes or sorted({c for scores in found.values() for c in scores})
+    empty = np.zeros(1, dtype=bool)
+    both_empty = {"dice": dice(empty, empty), "hd95": hd95(empty, empty, (1.0,))}
+    per_case = {name: {str(c): scores.get(c, both_empty) for c in scored} for name, scores in found.items()}
+    rows = [
+        {"case": name, "class": int(c), **v} for name, scores in per_case.items() for c, v in scores.items()
+    ]
     summary = {}
-    for c in sorted({r["class"] for r in rows}):
+    for c in scored:
         entry = {}
         for metric in ("dice", "hd95"):
             values = [r[metric] for r in rows if r["class"] == c and not math.isnan(r[metric])]
