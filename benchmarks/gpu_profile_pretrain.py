@@ -7,6 +7,7 @@ step_times.json (ms per step at several batch sizes, bf16).
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -46,10 +47,13 @@ def time_step(step, repeats: int = 5) -> float:
     return (time.perf_counter() - started) / repeats * 1000
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=".")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA device: this script profiles GPU steps", file=sys.stderr)
+        return 2
     out = Path(args.out)
     cases = {"small": ((32, 48, 32), [4, 32]), "synapse": ((64, 128, 128), [2, 8])}
     times = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "ms_per_step": {}}
@@ -76,9 +80,11 @@ def main() -> None:
                 table.table(sort_by="self_cuda_time_total", row_limit=25),
             ]
             (out / f"profile_{name}_{mode}.txt").write_text("\n\n".join(text))
-    (out / "step_times.json").write_text(json.dumps(times, indent=2))
+            # After every mode: a run stopped at its time limit keeps what it measured.
+            (out / "step_times.json").write_text(json.dumps(times, indent=2))
     print(json.dumps(times, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -24,7 +24,8 @@ static memory before the first step.
 On a CPU (``--cpu``) the small shape at batch 2 runs in fp32, sparse and dense pretraining and
 finetuning, each eager and compiled (inductor; needs a C++ compiler): the CPU effect of ``--compile``.
 
-Run:  python benchmarks/gpu_training.py --out $OUT --budget-s 150   (writes $OUT/training.json)
+Run:  python benchmarks/gpu_training.py --out $OUT --budget-s 150
+      (writes $OUT/training.json and $OUT/training.md, the run as a section for benchmarks/RESULTS.md)
       python benchmarks/gpu_training.py --cpu --budget-s 400         (the compile effect on this CPU)
       python benchmarks/gpu_training.py --cpu-smoke                 (tiny shapes on CPU, torch attention)
 """
@@ -248,6 +249,38 @@ def print_table(rows: list[dict], found: list[dict]) -> None:
         print(f"{f['ratio']:<22}{f['case']:<40}{f['speed_ratio']:.2f}x")
 
 
+def markdown_report(result: dict, command: str) -> str:
+    """The run as a section for benchmarks/RESULTS.md: machine, date, command, cases and ratios."""
+    info = result["info"]
+    lines = [
+        f"### {info['gpu']} (torch {info.get('torch', '?')}, Triton {info.get('triton', '?')}), "
+        f"{time.strftime('%Y-%m-%d')}",
+        "",
+        f"`{command}`; {result.get('elapsed_s', 0):.0f} s in all.",
+        "",
+        "| case | ms / step | steps/s | Mvoxels/s | peak MiB | warm-up s (3 steps) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["cases"]:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['error'][:120]} | | | | |")
+            continue
+        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        lines.append(f"| {r['case']} | {r['ms_per_step']:.1f} | {r['steps_per_s']:.2f} | "
+                     f"{r['voxels_per_s'] / 1e6:.2f} | {peak} | {r['warmup_s']:.1f} |")  # fmt: skip
+    lines += ["", "| ratio | case | speed ratio |", "|---|---|---|"]
+    lines += [f"| {f['ratio']} | {f['case']} | {f['speed_ratio']:.2f}x |" for f in result.get("ratios", [])]
+    flops = result.get("encoder_flops", {})
+    counted = [
+        f"{shape} {v['dense_gflops']:.1f} -> {v['sparse_gflops']:.1f} GFLOPs ({v['ratio']:.3f})"
+        for shape, v in flops.items()
+        if isinstance(v, dict)
+    ]
+    if counted:
+        lines += ["", "Counted encoder forward FLOPs, dense -> sparse: " + "; ".join(counted) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def out_of_budget(signum: int, frame: object) -> None:
     raise TimeoutError("out of budget (--budget-s)")
 
@@ -328,7 +361,10 @@ def main() -> int:
     result["ratios"] = ratios(rows)
     save()
     print_table(rows, result["ratios"])
-    print(f"wrote {path} in {time.perf_counter() - started:.0f} s")
+    command = "python benchmarks/gpu_training.py " + " ".join(sys.argv[1:])
+    path.with_suffix(".md").write_text(markdown_report(result, command))
+    print(f"wrote {path} and its RESULTS.md section {path.with_suffix('.md')} in "
+          f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     return 0
 
 
