@@ -76,3 +76,33 @@ def test_official_index_aliases_offsets_and_flag_reproduces_it():
     assert plain.state_dict().keys() == official.state_dict().keys()
     attn = official.encoder.stages[0].blocks[0].attn
     torch.testing.assert_close(attn.bias_table(), attn.relative_position_bias_table[rows])
+
+
+def test_attention_gets_one_dtype_under_cuda_autocast_rules(monkeypatch):
+    # CUDA autocast runs layer norms in fp32 and Linears in bf16 (CPU autocast keeps layer norms in
+    # bf16, so emulate CUDA's rule here). Skip attention's queries are normed tokens with no
+    # projection: the Triton kernels reject them unless they share k and v's dtype.
+    import torch.nn.functional as F
+
+    from maeformer_fast.models import blocks
+
+    layer_norm = F.layer_norm
+
+    def layer_norm_in_fp32(x, shape, weight=None, bias=None, eps=1e-5):
+        with torch.autocast("cpu", enabled=False):
+            return layer_norm(x.float(), shape, weight, bias, eps)
+
+    seen = []
+
+    def attention(q, k, v, *args, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return attend(q, k, v, *args, **kwargs)
+
+    attend = blocks.varlen_window_attention
+    monkeypatch.setattr(F, "layer_norm", layer_norm_in_fp32)
+    monkeypatch.setattr(blocks, "varlen_window_attention", attention)
+    model = NNFormer(get_config("small", embed_dim=8, num_heads=(1, 1, 2, 2))).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(1, 1, 32, 32, 32))
+    assert len(seen) == 14  # 8 encoder blocks, 6 decoder blocks (3 with skip attention)
+    assert all(q == k == v == torch.bfloat16 for q, k, v in seen), seen

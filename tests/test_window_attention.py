@@ -186,10 +186,31 @@ def test_custom_op_matches_eager_torch_backend():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_custom_op_opcheck():
-    q, k, v, coords, cu, table = packed_groups([5, 0, 1, 20], 4, 2, 8, seed=7)
-    args = (q.requires_grad_(), k, v, coords, cu, table.requires_grad_(), [4, 4, 4], 0.3, "torch")
+def opcheck_forward_and_backward(backend, head_dim, device="cpu"):
+    """torch.library.opcheck of both custom ops: schemas, and fakes with the real outputs' shapes,
+    dtypes and strides (what inductor asserts in compiled code)."""
+    q, k, v, coords, cu, table = (t.to(device) for t in packed_groups([5, 0, 1, 20], 4, 2, head_dim, seed=7))
+    args = (q.requires_grad_(), k, v, coords, cu, table.requires_grad_(), [4, 4, 4], 0.3, backend)
     torch.library.opcheck(wa._attention_op, args)
+    out, lse = wa._attention_op(*args)
+    grad_args = (
+        torch.randn_like(out),
+        *(t.detach() for t in (q, k, v, out)),
+        lse,
+        coords,
+        cu,
+        table.detach(),
+    )
+    # The backward op has no autograd formula of its own (no double backward), so no aot_dispatch test.
+    torch.library.opcheck(
+        wa._attention_backward_op,
+        (*grad_args, [4, 4, 4], 0.3, backend),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+
+
+def test_custom_op_opcheck():
+    opcheck_forward_and_backward("torch", head_dim=8)
 
 
 def test_torch_compile_fullgraph():
@@ -308,6 +329,13 @@ def test_triton_custom_op_path():
 
 
 @needs_triton
+def test_triton_custom_op_opcheck():
+    # The fakes must match the kernels' outputs exactly: a transposed bias gradient once passed every
+    # eager test and failed only inside inductor-compiled code.
+    opcheck_forward_and_backward("triton", head_dim=16, device=DEVICE)
+
+
+@needs_triton
 def test_triton_empty_inputs():
     for lengths in ([], [0, 0]):
         out, grads = forward_and_grads("triton", *on_device(packed_groups(lengths, 4, 2, 8, seed=0)), 4)
@@ -404,9 +432,12 @@ def test_triton_half_precision_within_rounding(dtype, bf16_dots_in_interpreter):
 
 class HostReads(TorchDispatchMode):
     """Records the ops that make a CUDA host wait for the device: scalar reads (``.item()``, ``bool()``,
-    ``int()``) and ops whose output shape depends on tensor values."""
+    ``int()``), ops whose output shape depends on tensor values, and tensors made from host data
+    (``torch.tensor``, ``new_tensor``: a blocking copy from pageable memory, which waits for the
+    queued kernels)."""
 
     DATA_DEPENDENT = {"_local_scalar_dense", "nonzero", "unique_consecutive", "_unique2", "masked_select"}
+    FROM_HOST = {"lift_fresh"}
 
     def __init__(self) -> None:
         super().__init__()
@@ -417,7 +448,7 @@ class HostReads(TorchDispatchMode):
         bool_index = name == "index" and any(
             isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None
         )
-        if name in self.DATA_DEPENDENT or bool_index:
+        if name in self.DATA_DEPENDENT or name in self.FROM_HOST or bool_index:
             self.found.append(name)
         return func(*args, **(kwargs or {}))
 

@@ -85,7 +85,9 @@ class WindowAttention(nn.Module):
             if skip is None:
                 raise ValueError("skip attention needs the encoder skip tokens")
             k, v = self.kv(skip).view(t, 2, h, c // h).unbind(1)
-            q = x.view(t, h, c // h)
+            # CUDA autocast keeps layer norms in fp32 while the kv Linear runs in bf16/fp16: the
+            # queries (normed tokens, no projection) must join k and v in the kernel's dtype.
+            q = x.view(t, h, c // h).to(k.dtype)
         else:
             q, k, v = self.qkv(x).view(t, 3, h, c // h).unbind(1)
         out = varlen_window_attention(

@@ -6,7 +6,6 @@ the MAE encoder; the decoder mirrors it with skip attention and transposed-conv 
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -25,10 +24,9 @@ def conv_tokens(conv: nn.Conv3d, tokens: Tokens) -> Tokens:
             raise ValueError("sparse tokens need a unit layout for convolutions")
         return Tokens.from_grid(conv(tokens.to_grid()))
     units = tokens.units
-    start = units.corner * torch.tensor(units.size, device=units.corner.device)
     out = unit_block_conv3d(
         tokens.features, tokens.coords, tokens.batch, tokens.batch_size, tokens.grid,
-        units.batch, start, units.size, conv.weight, conv.bias, conv.stride,
+        units.batch, units.starts(), units.size, conv.weight, conv.bias, conv.stride,
     )  # fmt: skip
     grid = tuple(-(-g // s) for g, s in zip(tokens.grid, conv.stride))  # ceil: k3, padding 1
     return Tokens.from_unit_features(out, units.downscaled(conv.stride), grid, tokens.batch_size)

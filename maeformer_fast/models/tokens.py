@@ -54,11 +54,16 @@ class UnitLayout:
         """The same units after a strided layer."""
         return UnitLayout(self.batch, self.corner, tuple(u // s for u, s in zip(self.size, stride)))
 
+    def starts(self) -> Tensor:
+        """(N, 3) position of every unit's first token at this stage (corner times size)."""
+        # Per-axis Python ints: a size tensor made from host data would be a host-to-device copy,
+        # which on CUDA waits for every queued kernel.
+        return torch.stack([self.corner[:, axis] * size for axis, size in enumerate(self.size)], dim=1)
+
     def token_positions(self) -> tuple[Tensor, Tensor]:
         """Coordinates (N*prod(size), 3) and batch (N*prod(size),) of the units' tokens, unit by unit."""
         local, _ = dense_positions(1, self.size, self.corner.device)  # [U, 3]
-        size = torch.tensor(self.size, device=self.corner.device)
-        coords = (self.corner[:, None, :] * size + local[None]).reshape(-1, 3)
+        coords = (self.starts()[:, None, :] + local[None]).reshape(-1, 3)
         return coords, self.batch.repeat_interleave(local.shape[0])
 
 

@@ -507,7 +507,7 @@ def triton_backward(
         num_warps=4,
     )
     # A plain reduction over the program axis: fixed order, so bit-reproducible.
-    dbias = partial.sum(0).t().to(bias_table.dtype)  # [R, H]
+    dbias = partial.sum(0).t().contiguous().to(bias_table.dtype)  # [R, H], the strides the fake promises
     return dq, dk, dv, dbias
 
 
