@@ -120,3 +120,19 @@ def test_failing_compiler_falls_back_to_eager_with_a_warning():
     with pytest.warns(RuntimeWarning, match="torch.compile of the transformer blocks failed"):
         result = run(fallback, segmenter_loss, 0)
     assert_same(result, run(eager, segmenter_loss, 0), exact=True)
+
+
+def test_compiler_failing_on_the_backward_falls_back_too():
+    # AOTAutograd would lower the backward only at the first backward(), outside the fallback's try.
+    from torch._dynamo.backends.common import aot_autograd
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("this op has no backward lowering")
+
+    eager = segmenter(drop_path_rate=0.0)
+    fallback = copy.deepcopy(eager)
+    backend = aot_autograd(fw_compiler=lambda graph, example_inputs: graph, bw_compiler=broken)
+    prepare_model(fallback, DistInfo(), CPU, compile_blocks=True, compile_backend=backend)
+    with pytest.warns(RuntimeWarning, match="this op has no backward lowering"):
+        result = run(fallback, segmenter_loss, 0)
+    assert_same(result, run(eager, segmenter_loss, 0), exact=True)

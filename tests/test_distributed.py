@@ -219,3 +219,50 @@ def test_gradient_scaler_unscales_before_clipping():
         results.append(model.weight.detach().clone())
     torch.testing.assert_close(results[1], results[0])
     assert not torch.equal(results[0], torch.nn.Linear(4, 2).weight)  # it did step
+
+
+def linear_optimisation(scaler_enabled: bool, init_scale: float = 2.0**16) -> Optimisation:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 / (1 + s))
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=scaler_enabled)
+    return Optimisation(model, optimizer, scheduler, scaler)
+
+
+def test_overflowing_fp16_step_moves_neither_weights_nor_schedule():
+    optimisation = linear_optimisation(scaler_enabled=True, init_scale=1e38)  # scaled grads overflow
+    model = optimisation.model
+    before, lr = model.weight.detach().clone(), optimisation.lr
+    x = torch.randn(1, 4, generator=torch.Generator().manual_seed(1))
+    optimisation.accumulate(model, lambda i: 1e6 * model(x).square().sum())
+    optimisation.step()
+    assert torch.equal(model.weight, before) and optimisation.lr == lr
+    assert optimisation.scaler.get_scale() < 1e38
+    optimisation.scaler.update(1.0)  # a scale that fits: the next step updates weights and schedule
+    optimisation.accumulate(model, lambda i: model(x).square().sum())
+    optimisation.step()
+    assert not torch.equal(model.weight, before) and optimisation.lr < lr
+
+
+def test_fp16_run_resumes_a_checkpoint_saved_without_fp16(tmp_path):
+    from maeformer_fast.train.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path)
+    linear_optimisation(scaler_enabled=False).save(manager, 5, {"step": 5})  # e.g. a bf16 or CPU run
+    resumed = linear_optimisation(scaler_enabled=True)
+    step, _ = resumed.resume(manager)
+    assert step == 5 and resumed.scaler.get_scale() == 2.0**16  # a fresh scale
+
+
+def test_each_torchrun_process_takes_its_own_gpu(monkeypatch):
+    from maeformer_fast.train.runtime import pick_device
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert pick_device("cuda") == torch.device("cuda", 3)  # no GPU needed: nothing is allocated
+    assert pick_device("cpu") == CPU
+    with pytest.raises(ValueError, match="every process of this machine on one GPU"):
+        pick_device("cuda:1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine: the index is the user's
+    assert pick_device("cuda:1") == torch.device("cuda", 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ..models.blocks import TransformerBlock
 from ..ops.window_groups import Triple
 from .checkpoint import CheckpointManager
-from .distributed import DistInfo, barrier, init_distributed, no_sync, wrap_ddp
+from .distributed import DistInfo, broadcast_from_main, init_distributed, no_sync, wrap_ddp
 from .runtime import pick_device, resolve_precision
 
 
@@ -62,16 +63,23 @@ class RunConfig:
 def setup_run(config: RunConfig) -> RunSetup:
     """Pick the device, join torchrun's process group, create ``config.out`` and build (rank 0) or
     wait for the preprocessing cache of ``config.data``."""
-    from ..data import ensure_preprocessed
+    from ..data import ensure_preprocessed, is_cache
 
     torch_device = pick_device(config.device)
     torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
     dist_info = init_distributed(torch_device)
     out_path = Path(config.out)
     out_path.mkdir(parents=True, exist_ok=True)
-    cache = ensure_preprocessed(config.data, config.cache_dir) if dist_info.is_main else None
-    barrier(dist_info)
-    cache = cache or ensure_preprocessed(config.data, config.cache_dir)
+    # Rank 0 builds (or refreshes) the cache; the others open exactly that folder instead of checking
+    # the raw dataset again, which would rewrite the cache's plan files while rank 0 reads them.
+    cache = str(ensure_preprocessed(config.data, config.cache_dir)) if dist_info.is_main else None
+    cache = broadcast_from_main(cache, dist_info)
+    if not is_cache(Path(cache)):
+        raise FileNotFoundError(
+            f"rank {dist_info.rank} cannot open the preprocessing cache rank 0 built at {cache}: put "
+            "--data (or --cache-dir) on a filesystem every node shares, or preprocess on every node "
+            "with `maeformer preprocess SRC CACHE` and pass CACHE as --data (docs/scaling.md)"
+        )
     return RunSetup(
         torch_device, resolve_precision(config.precision, torch_device), dist_info, out_path, Path(cache)
     )
@@ -115,13 +123,16 @@ class Optimisation:
 
     def step(self) -> None:
         """Unscale (fp16: the clip threshold is in true gradient units), clip, optimizer and LR step;
-        the scaler skips the optimizer step when fp16 gradients overflowed."""
+        the scaler skips the optimizer step when fp16 gradients overflowed, and the LR schedule then
+        waits for the next step that updates the weights."""
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        scale = self.scaler.get_scale()  # 1.0 without fp16; with fp16 one host read, like the loss's
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        if self.scaler.get_scale() >= scale:  # a lower scale: fp16 overflow, optimizer step skipped
+            self.scheduler.step()
 
     @property
     def lr(self) -> float:
@@ -143,7 +154,8 @@ class Optimisation:
         state, meta = manager.load(latest, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved by a run without fp16: an fp16 resume starts a fresh scale
+            self.scaler.load_state_dict(state["scaler"])
         return meta["step"], meta
 
 
@@ -187,7 +199,8 @@ class _EagerFallback:
         def run(*args: Any, **kwargs: Any) -> Any:
             if not self.failed:
                 try:
-                    return compiled(*args, **kwargs)
+                    with _backward_compiled_with_forward():
+                        return compiled(*args, **kwargs)
                 except Exception as error:  # backends raise many types; the eager retry re-raises real bugs
                     self.failed = True
                     warnings.warn(
@@ -199,6 +212,16 @@ class _EagerFallback:
             return eager(*args, **kwargs)
 
         return run
+
+
+def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
+    """AOTAutograd lowers a graph's backward at its first ``backward()`` unless told otherwise: then a
+    backend that fails only on the backward would fail outside the fallback's reach. Lower it while
+    the forward compiles (torch versions without the switch keep the lazy lowering)."""
+    config = torch._functorch.config
+    if not hasattr(config, "force_non_lazy_backward_lowering"):
+        return contextlib.nullcontext()
+    return config.patch(force_non_lazy_backward_lowering=True)
 
 
 def _checkpointed(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -19,20 +19,34 @@ class NonFiniteLossError(RuntimeError):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """ "auto" -> this rank's CUDA device when there is one, else CPU."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
+    """ "auto" -> CUDA when there is a GPU, else CPU; "cuda" without an index -> this process's GPU
+    (torchrun's LOCAL_RANK). An explicit index is taken as given, except where torchrun started
+    several processes on this machine: they would all share that one GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type != "cuda":
+        return device
+    if device.index is None:
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            f"--device {name} would put every process of this machine on one GPU; under torchrun "
+            "use --device cuda (or auto): each process takes the GPU of its LOCAL_RANK"
+        )
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """bf16 autocast by default on CUDA, fp32 on CPU; fp16 only on CUDA."""
+    """bf16 autocast by default on CUDA (fp16 on GPUs without native bf16), fp32 on CPU; fp16 only
+    on CUDA."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type != "cuda":
+            return "fp32"
+        with torch.cuda.device(device):
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
     return precision
