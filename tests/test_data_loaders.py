@@ -110,6 +110,16 @@ def test_intensity_augmentation_changes_some_samples_only(cache: Path) -> None:
     assert torch.isfinite(aug).all()
 
 
+def test_intensity_augmentation_never_reads_device_values() -> None:
+    # On a GPU a host read of a device tensor waits for all queued work. The meta device has no
+    # values at all, so any such read (e.g. a bool() of the gamma parameters) fails here.
+    from maeformer_fast.data.augment import apply_intensity
+
+    image = torch.zeros(2, 1, 8, 8, 8, device="meta")
+    intensity = torch.tensor([[1.1, 0.9, 1.3, 0.0], [1.0, 1.0, 1.0, 0.0]])  # contrast and gamma on
+    assert apply_intensity(image, intensity, torch.tensor([1, 2])).shape == image.shape
+
+
 def test_deterministic_workers_and_seeds(cache: Path) -> None:
     crop = (24, 32, 24)
     a = _take(make_loader(cache, crop, 2, num_workers=0, seed=3), 4)

@@ -30,11 +30,15 @@ def apply_intensity(image: torch.Tensor, intensity: torch.Tensor, noise_seeds: t
     ``noise_seeds``: (B,) int64 seeds of per-sample generators on the image's device, so the noise of a
     sample depends on its seed only (the same on resume). Samples with identity params are unchanged.
     """
-    params = intensity.to(image.device, torch.float32)
+    params = intensity.to(torch.float32)
+    if image.is_cuda:  # from pinned memory the copy queues behind the GPU's work instead of waiting for it
+        params = params.pin_memory()
+    params = params.to(image.device, non_blocking=True)
     x = apply_noise(image, intensity[:, 3], noise_seeds)
     shape = (-1,) + (1,) * (image.dim() - 1)
     x = x * params[:, 0].view(shape)
-    return apply_contrast_gamma(x, params[:, 1], params[:, 2])
+    any_gamma = bool((intensity[:, 2] != 1).any())  # read on the host copy: no device sync
+    return apply_contrast_gamma(x, params[:, 1], params[:, 2], any_gamma)
 
 
 def apply_noise(image: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -51,9 +55,12 @@ def apply_noise(image: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor) -> 
     return out
 
 
-def apply_contrast_gamma(x: torch.Tensor, contrast: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+def apply_contrast_gamma(
+    x: torch.Tensor, contrast: torch.Tensor, gamma: torch.Tensor, any_gamma: bool
+) -> torch.Tensor:
     """Contrast around the per-channel mean (clamped to the old range) and gamma on the per-channel
-    [min, max]-rescaled intensities with mean and std restored. contrast, gamma: (B,) on x's device."""
+    [min, max]-rescaled intensities with mean and std restored. contrast, gamma: (B,) on x's device;
+    ``any_gamma``: whether some gamma differs from 1 (known on the host, so no device read)."""
     dims = (2, 3, 4)
     shape = (-1, 1, 1, 1, 1)
     c = contrast.view(shape)
@@ -61,7 +68,7 @@ def apply_contrast_gamma(x: torch.Tensor, contrast: torch.Tensor, gamma: torch.T
     lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
     x = torch.where(c != 1, torch.minimum(torch.maximum((x - mean) * c + mean, lo), hi), x)
     g = gamma.view(shape)
-    if bool((gamma != 1).any()):
+    if any_gamma:
         mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True)
         lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
         span = (hi - lo).clamp_min(1e-7)

@@ -60,7 +60,7 @@ def dali_batches(
                 t = torch.empty(dense.shape(), dtype=dtype, device=device)
                 # feed_ndarray copies out of DALI's buffers, which the next run() reuses.
                 feed_ndarray(
-                    dense, t, cuda_stream=torch.cuda.current_stream() if device.type == "cuda" else None
+                    dense, t, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None
                 )
                 tensors.append(t)
             label = tensors[1][:, 0] if labeled else None

@@ -195,10 +195,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     for step in bar:
         local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
         mean_loss = mean_across_ranks(local_loss, dist_info)
-        check_finite(mean_loss, step, case_ids, dist_info.rank if dist_info.enabled else None, local_loss)
+        loss_value = mean_loss.item()  # the step's one host read, before the optimizer step is queued
+        check_finite(loss_value, step, case_ids, dist_info.rank if dist_info.enabled else None, local_loss)
         optimisation.step()
         done = step + 1
-        loss_value = mean_loss.item()
         bar.set_postfix(loss=f"{loss_value:.4f}", best_dice=f"{max(best['dice'], 0):.3f}")
         if not dist_info.is_main:
             continue

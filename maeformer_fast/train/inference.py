@@ -76,4 +76,4 @@ def sliding_window_predict(
             region = (slice(z, z + window[0]), slice(y, y + window[1]), slice(x, x + window[2]))
             scores[(slice(None), *region)] += p * importance
             weight[region] += importance
-    return (scores / weight)[:, : size[0], : size[1], : size[2]]
+    return scores.div_(weight)[:, : size[0], : size[1], : size[2]]  # in place: (K, Z, Y, X) can be GiBs

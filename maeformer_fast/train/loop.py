@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from ..models.blocks import TransformerBlock
 from ..ops.window_groups import Triple
 from .checkpoint import CheckpointManager
 from .distributed import DistInfo, broadcast_from_main, init_distributed, no_sync, wrap_ddp
-from .runtime import pick_device, resolve_precision
+from .runtime import resolve_precision, use_device
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ def setup_run(config: RunConfig) -> RunSetup:
     wait for the preprocessing cache of ``config.data``."""
     from ..data import ensure_preprocessed, is_cache
 
-    torch_device = pick_device(config.device)
+    if config.deterministic:  # cuBLAS is reproducible only with a fixed workspace, set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch_device = use_device(config.device)
     torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
     dist_info = init_distributed(torch_device)
     out_path = Path(config.out)

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from .evaluation import predict_case
 from .metrics import dice, hd95, per_class_scores
-from .runtime import pick_device, resolve_precision
+from .runtime import resolve_precision, use_device
 
 
 def nifti_files(path: Path) -> list[Path]:
@@ -49,7 +49,7 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
     from ..data import preprocess_volume, restore_to_original, write_nifti
     from ..models.pretrained import load_segmenter
 
-    torch_device = pick_device(device)
+    torch_device = use_device(device)
     resolved = resolve_precision(precision, torch_device)
     model_path = Path(model_path)
     if model_path.is_dir():

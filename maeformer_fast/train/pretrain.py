@@ -165,11 +165,13 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
         mean_loss = mean_across_ranks(local_loss, dist_info)
         rank = dist_info.rank if dist_info.enabled else None
-        check_finite(mean_loss, step, current["case_ids"], rank, local_loss)
+        # The step's one host read, before the optimizer step is queued: the host then prepares the
+        # next batch while the GPU updates the weights.
+        loss_value = mean_loss.item()
+        check_finite(loss_value, step, current["case_ids"], rank, local_loss)
         optimisation.step()
 
         done = step + 1
-        loss_value = mean_loss.item()
         losses.append(loss_value)
         if dist_info.is_main:
             elapsed = time.perf_counter() - started

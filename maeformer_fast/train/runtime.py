@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +35,15 @@ def pick_device(name: str = "auto") -> torch.device:
             f"--device {name} would put every process of this machine on one GPU; under torchrun "
             "use --device cuda (or auto): each process takes the GPU of its LOCAL_RANK"
         )
+    return device
+
+
+def use_device(name: str = "auto") -> torch.device:
+    """:func:`pick_device`, made the current CUDA device: Triton launches and default streams follow
+    the current device, not the tensors' (``cuda:1`` in one process would launch on GPU 0)."""
+    device = pick_device(name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     return device
 
 
@@ -87,7 +97,7 @@ def step_generator(device: torch.device, *parts: object) -> torch.Generator:
 
 
 def check_finite(
-    loss: torch.Tensor,
+    loss: float,
     step: int,
     case_ids: list[str],
     rank: int | None = None,
@@ -99,11 +109,11 @@ def check_finite(
     raises together instead of leaving the others waiting in a collective; ``rank`` and this rank's
     ``local_loss`` then tell where it came from. ``case_ids``: the cases of this rank's batches.
     """
-    if torch.isfinite(loss).item():
+    if math.isfinite(loss):
         return
     where = "" if rank is None or local_loss is None else f" (rank {rank}: loss {local_loss.item()})"
     raise NonFiniteLossError(
-        f"loss is {loss.item()} at step {step}{where}, batch cases: {', '.join(case_ids) or 'unknown'}; "
+        f"loss is {loss} at step {step}{where}, batch cases: {', '.join(case_ids) or 'unknown'}; "
         "lower the learning rate, use fp32/bf16 instead of fp16, or check these cases for bad voxels"
     )
 
