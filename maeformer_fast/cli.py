@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -137,6 +138,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .train.pretrain import PretrainConfig, pretrain
 
     out = Path(args.out)
+    for run in ("pretrain", "finetune"):  # the demo's own runs from an earlier demo: start them afresh
+        shutil.rmtree(out / run, ignore_errors=True)
     data = make_phantoms(out / "phantoms", seed=args.seed)
     print(f"generated phantom dataset: {data}")
     pre = pretrain(PretrainConfig(data=str(data), out=str(out / "pretrain"), steps=args.pretrain_steps,

@@ -247,11 +247,13 @@ def test_overflowing_fp16_step_moves_neither_weights_nor_schedule():
 
 def test_fp16_run_resumes_a_checkpoint_saved_without_fp16(tmp_path):
     from maeformer_fast.train.checkpoint import CheckpointManager
+    from maeformer_fast.train.loop import RunConfig
 
     manager = CheckpointManager(tmp_path)
-    linear_optimisation(scaler_enabled=False).save(manager, 5, {"step": 5})  # e.g. a bf16 or CPU run
+    bf16_run = RunConfig(data="", out="", precision="bf16")
+    linear_optimisation(scaler_enabled=False).save(manager, 5, bf16_run, {})
     resumed = linear_optimisation(scaler_enabled=True)
-    step, _ = resumed.resume(manager)
+    step, _ = resumed.resume(manager, RunConfig(data="", out="", precision="fp16", resume=True))
     assert step == 5 and resumed.scaler.get_scale() == 2.0**16  # a fresh scale
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from maeformer_fast.models.pretrained import load_encoder
@@ -57,3 +58,29 @@ def test_killed_run_resumes_to_the_same_weights(phantom_cache, tmp_path):
     expected = load_encoder(reference.encoder_path).state_dict()
     for name, value in load_encoder(resumed.encoder_path).state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_run_folders_are_never_silently_reused_or_misread(phantom_cache, tmp_path):
+    out = tmp_path / "run"
+    pretrain(config(phantom_cache, out, steps=2, checkpoint_every=1))
+    with pytest.raises(FileExistsError, match="pass --resume"):  # a new run over the old one's checkpoints
+        pretrain(config(phantom_cache, out, steps=2))
+    with pytest.raises(ValueError, match=r"other settings \(lr 0.0005 -> 0.001\)"):
+        pretrain(config(phantom_cache, out, steps=4, lr=1e-3, resume=True))
+    (out / "checkpoints" / "step-0000002" / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"step-0000002/state.pt: not a readable training state"):
+        pretrain(config(phantom_cache, out, steps=4, resume=True))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"steps": 0}, "steps must be a whole number >= 1"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be"),
+        ({"log_every": 0}, "log_every must be"),
+        ({"mask_ratio": 0.01}, "hides none of the 12 mask units"),
+    ],
+)
+def test_settings_no_run_can_use_are_refused(phantom_cache, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        pretrain(config(phantom_cache, tmp_path / "run", **overrides))

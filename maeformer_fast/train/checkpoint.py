@@ -65,12 +65,33 @@ class CheckpointManager:
         self._prune(keep_name=name)
         return final
 
+    def read_meta(self, folder: Path) -> dict[str, Any]:
+        """The JSON metadata of checkpoint ``folder`` (step, settings, run-specific state)."""
+        try:
+            meta = json.loads((folder / META).read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{folder / META}: not a readable checkpoint record ({error})") from error
+        if not isinstance(meta, dict) or not isinstance(meta.get("step"), int):
+            raise ValueError(f"{folder / META}: not a checkpoint record (no step)")
+        return meta
+
     def load(self, folder: Path, model: nn.Module) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Load weights into ``model`` (strict) and return (training_state, meta)."""
+        """Load weights into ``model`` (strict) and return (training_state, meta).
+
+        Raises ValueError naming the file for a checkpoint that is damaged or belongs to another model.
+        """
+        meta = self.read_meta(folder)
         tensors, _ = load_weights(folder / WEIGHTS)
-        unwrap(model).load_state_dict(tensors, strict=True)
-        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-        meta = json.loads((folder / META).read_text())
+        try:
+            unwrap(model).load_state_dict(tensors, strict=True)
+        except RuntimeError as error:  # missing, unexpected or differently shaped weights
+            raise ValueError(f"{folder / WEIGHTS}: weights of another model ({str(error)[:300]})") from error
+        try:
+            state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+        except Exception as error:  # truncated, garbage, or a pickle that needs more than tensors
+            raise ValueError(f"{folder / STATE}: not a readable training state ({error})") from error
+        if not isinstance(state, dict) or not {"optimizer", "scheduler", "scaler"} <= set(state):
+            raise ValueError(f"{folder / STATE}: not a training state of this library")
         return state, meta
 
     def _prune(self, keep_name: str) -> None:

@@ -150,7 +150,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     crop = tuple(config.crop_size or model.config.crop_size)
     optimisation = build_optimisation(config, model, run.precision, device)
     checkpoints = CheckpointManager(out / "checkpoints")
-    resumed = optimisation.resume(checkpoints) if config.resume else None
+    resumed = optimisation.resume(checkpoints, config)
     start_step, meta = resumed if resumed else (0, {})
     best = meta.get("best", {"dice": -1.0, "step": 0})
     curve = [tuple(point) for point in meta.get("curve", [])]
@@ -213,7 +213,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                   val_dice="" if val_dice is None else f"{val_dice:.4f}",
                   elapsed_s=f"{time.perf_counter() - started:.2f}")  # fmt: skip
         if done % config.checkpoint_every == 0 or done == config.steps:
-            optimisation.save(checkpoints, done, {"kind": "finetune", "best": best, "curve": curve})
+            optimisation.save(checkpoints, done, config, {"kind": "finetune", "best": best, "curve": curve})
     bar.close()
     barrier(dist_info)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,19 @@ class RunConfig:
     accumulate_steps: int = 1  # micro-batches of batch_size per optimizer step (per rank)
     activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
     compile: bool | None = None  # torch.compile the transformer blocks; None: the device's default
+
+    # Counts and intervals a run divides by or loops over: each must be at least 1.
+    POSITIVE = ("batch_size", "steps", "accumulate_steps", "checkpoint_every", "log_every", "preview_every",
+                "val_every")  # fmt: skip
+
+    def __post_init__(self) -> None:
+        """Reject settings no run can use, before any work starts."""
+        for name in self.POSITIVE:
+            value = getattr(self, name, 1)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
 def setup_run(config: RunConfig) -> RunSetup:
@@ -141,25 +155,60 @@ class Optimisation:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def save(self, manager: CheckpointManager, step: int, meta: dict[str, Any]) -> Path:
+    def save(self, manager: CheckpointManager, step: int, config: RunConfig, meta: dict[str, Any]) -> Path:
+        """Checkpoint ``step`` with the run's settings (checked on resume) and ``meta``."""
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
         }
-        return manager.save(step, self.model, state, meta)
+        return manager.save(step, self.model, state, {**meta, "config": _settings(config)})
 
-    def resume(self, manager: CheckpointManager) -> tuple[int, dict[str, Any]] | None:
-        """Load the newest checkpoint into model and optimisation state: (step, meta), or None."""
+    def resume(self, manager: CheckpointManager, config: RunConfig) -> tuple[int, dict[str, Any]] | None:
+        """Load the newest checkpoint into model and optimisation state: (step, meta), or None.
+
+        Refuses a new run (``config.resume`` off) over an earlier run's checkpoints, and resuming a
+        run whose checkpoint was trained with other settings than ``config`` (see CHANGEABLE_ON_RESUME).
+        """
         latest = manager.latest()
         if latest is None:
             return None
+        if not config.resume:
+            raise FileExistsError(
+                f"{manager.root} holds the checkpoints of an earlier run (newest: {latest.name}): pass "
+                "--resume to continue it, or choose another --out"
+            )
+        saved = manager.read_meta(latest).get("config", {})
+        current = _settings(config)
+        changed = [
+            f"{name} {saved.get(name)!r} -> {current.get(name)!r}"
+            for name in sorted(set(saved) | set(current))
+            if name not in CHANGEABLE_ON_RESUME and saved.get(name) != current.get(name)
+        ]
+        if saved and changed:
+            raise ValueError(
+                f"cannot resume {latest}: it was trained with other settings ({'; '.join(changed)}); "
+                "resume with its settings, or start a new run in another --out"
+            )
         state, meta = manager.load(latest, self.model)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when saved by a run without fp16: an fp16 resume starts a fresh scale
             self.scaler.load_state_dict(state["scaler"])
         return meta["step"], meta
+
+
+# Settings a resumed run may change: where things are and how they run, not what is trained.
+CHANGEABLE_ON_RESUME = frozenset({
+    "data", "out", "cache_dir", "resume", "progress", "num_workers", "loader", "device", "steps",
+    "checkpoint_every", "log_every", "preview_every", "val_every", "max_val_cases", "evaluate_test",
+    "compile", "activation_checkpointing", "deterministic", "precision",
+})  # fmt: skip
+
+
+def _settings(config: RunConfig) -> dict[str, Any]:
+    """``config`` as the JSON a checkpoint stores (tuples become lists), to compare on resume."""
+    return json.loads(json.dumps(asdict(config), default=str))
 
 
 def prepare_model(

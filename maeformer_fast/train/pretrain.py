@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..models.config import get_config
 from ..models.mae import MaskedAutoencoder, expand_units, patchify, unpatchify
 from ..models.pretrained import save_encoder
-from ..ops.masking import random_unit_mask, visible_mask_grid
+from ..ops.masking import num_visible_units, random_unit_mask, visible_mask_grid
 from .checkpoint import CheckpointManager, unwrap
 from .distributed import barrier, mean_across_ranks
 from .loop import Optimisation, RunConfig, prepare_model, setup_run
@@ -119,9 +119,14 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     model = build_mae(config).to(device)
     crop = tuple(config.crop_size or model.config.crop_size)
     unit_grid = model.encoder.unit_grid(crop)
+    if num_visible_units(unit_grid, config.mask_ratio) == math.prod(unit_grid):
+        raise ValueError(
+            f"mask ratio {config.mask_ratio} hides none of the {math.prod(unit_grid)} mask units of a "
+            f"{crop} crop: nothing to reconstruct (use at least {1 / math.prod(unit_grid):.3g})"
+        )
     optimisation = build_optimisation(config, model, precision, device)
     checkpoints = CheckpointManager(out / "checkpoints")
-    resumed = optimisation.resume(checkpoints) if config.resume else None
+    resumed = optimisation.resume(checkpoints, config)
     start_step = resumed[0] if resumed else 0
     train_model = prepare_model(
         model, dist_info, device, resolve_compile(config.compile, device), config.activation_checkpointing
@@ -185,7 +190,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
                 save_preview(out / "previews" / f"step-{done:07d}.png", model, current["images"],
                              current["visible_ids"], current["prediction"])  # fmt: skip
         if dist_info.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
-            optimisation.save(checkpoints, done, {"kind": "pretrain", "config": asdict(config)})
+            optimisation.save(checkpoints, done, config, {"kind": "pretrain"})
     bar.close()
 
     encoder_path = out / "encoder.safetensors"

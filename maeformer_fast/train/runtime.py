@@ -25,7 +25,10 @@ def pick_device(name: str = "auto") -> torch.device:
     several processes on this machine: they would all share that one GPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from error
     if device.type != "cuda":
         return device
     if device.index is None:
@@ -43,6 +46,8 @@ def use_device(name: str = "auto") -> torch.device:
     the current device, not the tensors' (``cuda:1`` in one process would launch on GPU 0)."""
     device = pick_device(name)
     if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
         torch.cuda.set_device(device)
     return device
 
