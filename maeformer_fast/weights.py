@@ -20,6 +20,15 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def replace_with(tmp: Path | str, path: Path | str) -> None:
+    """Rename the finished temporary file ``tmp`` over ``path``, with the permissions a plain ``open``
+    would give it (mkstemp and safetensors create owner-only files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -37,7 +46,7 @@ def save_weights(path: Path, state_dict: dict[str, torch.Tensor], metadata: dict
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
     fsync_path(tmp)
-    os.replace(tmp, path)
+    replace_with(tmp, path)
     fsync_path(path.parent)
 
 

@@ -247,6 +247,10 @@ def test_phantoms_deterministic_and_preprocess(tmp_path: Path) -> None:
     for i in range(3):
         lab = read_volume(a / "labelsTr" / f"phantom_{i:03d}.nii.gz", kind="label").data
         assert set(np.unique(lab)) == {0, 1, 2, 3}  # every class present in every labeled case
+    for inside in (a, a / "cache"):  # the cache would mix its files into the dataset
+        with pytest.raises(ValueError, match="must not be the dataset folder"):
+            preprocess_dataset(a, inside, workers=2, progress=False)
+    assert not (a / "plan.json").exists() and not (a / "cache").exists()
     cache = preprocess_dataset(a, tmp_path / "cache", workers=2, progress=False)
     plan = load_plan(cache)
     assert [(c["split"], c["has_label"]) for c in plan["cases"]] == [("train", True)] * 3 + [

@@ -57,6 +57,9 @@ def test_sliding_window_equals_direct_inference_when_the_window_covers_the_volum
     torch.testing.assert_close(windowed, direct, atol=1e-5, rtol=1e-5)
     smaller = sliding_window_predict(model, image[:, :20, :30, :17], (32, 48, 32), num_classes=3)
     assert smaller.shape == (3, 20, 30, 17)  # padded to the window, cropped back
+    for overlap in (-1.0, 1.0):  # windows that would leave gaps, or never advance
+        with pytest.raises(ValueError, match="overlap must lie in"):
+            sliding_window_predict(model, image, (16, 16, 16), num_classes=3, overlap=overlap)
 
 
 def test_dice_and_hd95_on_hand_built_cases():
@@ -136,6 +139,9 @@ def test_evaluate_files_with_known_answers_counts_false_positive_classes(tmp_pat
     assert main(["predict", "--model", str(tmp_path / "no_model"), "--input", str(tmp_path / "ref"),
                  "--out", str(tmp_path / "out")]) == 2  # fmt: skip
     assert "no_model" in capsys.readouterr().err
+    write_nifti(tmp_path / "pred" / "b.nii.gz", pred_b[:7], affine)  # one slice short
+    with pytest.raises(ValueError, match=r"pred/b.nii.gz: shape \(7, 8, 8\) differs from the reference"):
+        evaluate(tmp_path / "pred", tmp_path / "ref")
 
 
 @pytest.mark.skipif(not HIPPOCAMPUS.is_dir(), reason="the shared hippocampus data is not beside the checkout")

@@ -35,6 +35,8 @@ def add_commands(subparsers: Any) -> None:
     p.add_argument(
         "--modality",
         default=None,
+        type=str.upper,
+        choices=("CT", "MRI"),
         help="override the channel modality from dataset.json: CT (clip to foreground "
         "0.5/99.5 percentiles + dataset z-score) or MRI (per-volume z-score)",
     )

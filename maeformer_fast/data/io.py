@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from ..weights import replace_with
 from .errors import problem
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -115,7 +116,7 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, np.ascontiguousarray(array))
-        os.replace(tmp, path)
+        replace_with(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -127,7 +128,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        os.replace(tmp, path)
+        replace_with(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

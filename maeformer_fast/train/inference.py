@@ -49,6 +49,8 @@ def sliding_window_predict(
     a Gaussian so window borders count less. Volumes smaller than the window are zero-padded and the
     result cropped back. ``mirror`` averages the 8 axis-flipped predictions.
     """
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must lie in [0, 1) (a share of the window), got {overlap}")
     device = image.device
     size = tuple(image.shape[1:])
     pads = [max(w - s, 0) for w, s in zip(window, size)]

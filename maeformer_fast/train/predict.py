@@ -91,6 +91,11 @@ def evaluate(pred: str | Path, ref: str | Path, out: str | Path | None = None,
     for name in tqdm(sorted(ref_files), desc="evaluate", unit="case"):
         reference = read_volume(ref_files[name], kind="label")
         prediction = read_volume(pred_files[name], kind="label")
+        if prediction.data.shape != reference.data.shape:
+            raise ValueError(
+                f"{pred_files[name]}: shape {prediction.data.shape} differs from the reference "
+                f"{ref_files[name]} {reference.data.shape}"
+            )
         if not np.allclose(reference.affine, prediction.affine, atol=1e-3):
             raise ValueError(f"{pred_files[name]}: affine differs from the reference {ref_files[name]}")
         predicted, expected = (np.rint(v.data).astype(np.int64) for v in (prediction, reference))
