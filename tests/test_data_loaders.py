@@ -208,3 +208,18 @@ def test_dali_cpu_matches_torch(cache: Path) -> None:
             assert torch.allclose(x["image"], y["image"], atol=1e-5), kwargs
     batch = next(make_loader(cache, crop, 2, backend="dali", labeled=False, num_workers=1))
     assert "label" not in batch and batch["image"].shape == (2, 1, *crop)
+
+
+def test_damaged_cache_files_are_named_before_training(phantom_cache: Path, tmp_path: Path) -> None:
+    import shutil
+
+    damaged = Path(shutil.copytree(phantom_cache, tmp_path / "cache"))
+    label = damaged / "cases" / "phantom_001_label.npy"
+    label.unlink()
+    make_loader(damaged, (16, 16, 16), 2, labeled=False, num_workers=0)  # labels not needed: fine
+    with pytest.raises(ValueError, match="phantom_001_label.npy: unreadable cache file"):
+        make_loader(damaged, (16, 16, 16), 2, labeled=True, num_workers=0)
+    image = damaged / "cases" / "phantom_002_image.npy"
+    image.write_bytes(image.read_bytes()[:200])  # truncated
+    with pytest.raises(ValueError, match="phantom_002_image.npy: unreadable cache file"):
+        make_loader(damaged, (16, 16, 16), 2, labeled=False, num_workers=0)

@@ -54,10 +54,22 @@ def load_geometry(cache_dir: str | Path, case_id: str) -> dict[str, Any]:
     return json.loads(case_file(cache_dir, case_id, "json").read_text())["geometry"]
 
 
+def cached_array(cache_dir: str | Path, case_id: str, kind: str) -> np.ndarray:
+    """Memory-mapped ``kind`` ("image", "label", "fg") array of a case, naming the file if it is
+    missing or damaged."""
+    path = case_file(cache_dir, case_id, kind)
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as error:  # missing, truncated, or not a .npy file
+        raise ValueError(
+            f"{path}: unreadable cache file ({error}); rebuild the cache with `maeformer preprocess`"
+        ) from error
+
+
 def open_case(cache_dir: str | Path, case_id: str, labeled: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Memory-mapped (C, Z, Y, X) float32 image and (Z, Y, X) uint8 label (None unless ``labeled``)."""
-    image = np.load(case_file(cache_dir, case_id, "image"), mmap_mode="r")
-    label = np.load(case_file(cache_dir, case_id, "label"), mmap_mode="r") if labeled else None
+    image = cached_array(cache_dir, case_id, "image")
+    label = cached_array(cache_dir, case_id, "label") if labeled else None
     return image, label
 
 

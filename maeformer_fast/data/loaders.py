@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .augment import apply_flips, apply_intensity
-from .cache import case_file, load_plan, open_case, select_cases
+from .cache import load_plan, open_case, select_cases
 from .sampling import AugmentConfig, BatchPlan, CropSampler, read_crop
 
 DEFAULT_BACKEND = "torch"  # chosen by benchmarks/test_bench_loaders.py, see data/README.md
@@ -96,7 +96,9 @@ def make_sampler(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plan = load_plan(cache_dir)
     case_ids = select_cases(plan, cases, labeled)
-    shapes = [np.load(case_file(cache_dir, c, "image"), mmap_mode="r").shape[1:] for c in case_ids]
+    # Every case opened once here (images and labels), so a damaged cache fails now, naming the file,
+    # rather than mid-run inside a loader worker.
+    shapes = [open_case(cache_dir, c, labeled)[0].shape[1:] for c in case_ids]
     return CropSampler(
         cache_dir,
         case_ids,
