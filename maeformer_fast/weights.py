@@ -55,6 +55,9 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from safetensors import safe_open
 
     path = Path(path)
+    if path.is_dir():
+        inside = ", ".join(sorted(p.name for p in path.glob("*.safetensors"))) or "none"
+        raise IsADirectoryError(f"{path}: a folder, not a weights file (.safetensors files in it: {inside})")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     try:

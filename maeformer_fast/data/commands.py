@@ -20,7 +20,6 @@ def add_commands(subparsers: Any) -> None:
             "geometry JSON and plan.json to OUT. All bad cases are reported at once. Re-running skips "
             "cases whose sources and plan did not change."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="dataset folder")
     p.add_argument("out", metavar="OUT", help="cache folder to create or update")
@@ -38,7 +37,7 @@ def add_commands(subparsers: Any) -> None:
         type=str.upper,
         choices=("CT", "MRI"),
         help="override the channel modality from dataset.json: CT (clip to foreground "
-        "0.5/99.5 percentiles + dataset z-score) or MRI (per-volume z-score)",
+        "0.5/99.5 percentiles + dataset z-score) or MRI (per-volume z-score) (default: dataset.json's)",
     )
     p.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: number of cores, at most 8)"
