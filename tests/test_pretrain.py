@@ -1,5 +1,6 @@
 """MAE pretraining: the masked-unit loss falls, and a SIGKILLed run resumes to the same weights."""
 
+import csv
 import os
 import signal
 import subprocess
@@ -55,6 +56,10 @@ def test_killed_run_resumes_to_the_same_weights(phantom_cache, tmp_path):
 
     resumed = pretrain(config(phantom_cache, out, steps=steps, resume=True))
     assert len(resumed.losses) < steps  # it really continued from a checkpoint
+    rows = list(csv.DictReader(open(out / "pretrain_log.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(5, steps + 1, 5))
+    elapsed = [float(r["elapsed_s"]) for r in rows]
+    assert elapsed == sorted(elapsed)  # the resumed part counts on from the killed run's time
     expected = load_encoder(reference.encoder_path).state_dict()
     for name, value in load_encoder(resumed.encoder_path).state_dict().items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")

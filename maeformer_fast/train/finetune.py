@@ -154,6 +154,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     start_step, meta = resumed if resumed else (0, {})
     best = meta.get("best", {"dice": -1.0, "step": 0})
     curve = [tuple(point) for point in meta.get("curve", [])]
+    earlier_s = meta.get("elapsed_s", 0.0)  # training time before a resume, so logs count the whole run
 
     train_model = prepare_model(
         model, dist_info, device, resolve_compile(config.compile, device), config.activation_checkpointing
@@ -211,9 +212,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 save_segmenter(model_path, model, plan, {**info, "step": done, "val_dice": val_dice})
         log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{optimisation.lr:.3e}",
                   val_dice="" if val_dice is None else f"{val_dice:.4f}",
-                  elapsed_s=f"{time.perf_counter() - started:.2f}")  # fmt: skip
+                  elapsed_s=f"{earlier_s + time.perf_counter() - started:.2f}")  # fmt: skip
         if done % config.checkpoint_every == 0 or done == config.steps:
-            optimisation.save(checkpoints, done, config, {"kind": "finetune", "best": best, "curve": curve})
+            meta = {"kind": "finetune", "best": best, "curve": curve,
+                    "elapsed_s": earlier_s + time.perf_counter() - started}  # fmt: skip
+            optimisation.save(checkpoints, done, config, meta)
     bar.close()
     barrier(dist_info)
 
@@ -230,7 +233,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     # Only rank 0 validated and tested; every rank returns its results.
     best, curve, test_dice, test_hd95 = broadcast_from_main((best, curve, test_dice, test_hd95), dist_info)
     return FinetuneResult(out, model_path, last_path, best["dice"], best["step"], curve, splits.to_dict(),
-                          test_dice, test_hd95, time.perf_counter() - started)  # fmt: skip
+                          test_dice, test_hd95, earlier_s + time.perf_counter() - started)  # fmt: skip
 
 
 def evaluate_saved(path: Path, cache: Path, cases: list[str], crop, plan: dict, device, precision: str):

@@ -127,7 +127,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     optimisation = build_optimisation(config, model, precision, device)
     checkpoints = CheckpointManager(out / "checkpoints")
     resumed = optimisation.resume(checkpoints, config)
-    start_step = resumed[0] if resumed else 0
+    start_step, meta = resumed if resumed else (0, {})
+    earlier_s = meta.get("elapsed_s", 0.0)  # training time before a resume, so logs count the whole run
     train_model = prepare_model(
         model, dist_info, device, resolve_compile(config.compile, device), config.activation_checkpointing
     )
@@ -179,18 +180,20 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         done = step + 1
         losses.append(loss_value)
         if dist_info.is_main:
-            elapsed = time.perf_counter() - started
+            session_s = time.perf_counter() - started
             samples = config.batch_size * micro_steps * dist_info.world_size * (done - start_step)
             voxels = math.prod(crop) * samples
-            bar.set_postfix(loss=f"{loss_value:.4f}", vox_s=f"{voxels / elapsed:,.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", vox_s=f"{voxels / session_s:,.0f}")
             if done % config.log_every == 0 or done == config.steps:
                 log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{optimisation.lr:.3e}",
-                          voxels_per_s=f"{voxels / elapsed:.1f}", elapsed_s=f"{elapsed:.2f}")  # fmt: skip
+                          voxels_per_s=f"{voxels / session_s:.1f}",
+                          elapsed_s=f"{earlier_s + session_s:.2f}")  # fmt: skip
             if done % config.preview_every == 0 or done == config.steps:
                 save_preview(out / "previews" / f"step-{done:07d}.png", model, current["images"],
                              current["visible_ids"], current["prediction"])  # fmt: skip
         if dist_info.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
-            optimisation.save(checkpoints, done, config, {"kind": "pretrain"})
+            elapsed_s = earlier_s + time.perf_counter() - started
+            optimisation.save(checkpoints, done, config, {"kind": "pretrain", "elapsed_s": elapsed_s})
     bar.close()
 
     encoder_path = out / "encoder.safetensors"
@@ -204,7 +207,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         out=out,
         steps=config.steps,
         final_loss=losses[-1] if losses else float("nan"),
-        wall_time_s=time.perf_counter() - started,
+        wall_time_s=earlier_s + time.perf_counter() - started,
         log_path=out / "pretrain_log.csv",
         losses=losses,
     )
