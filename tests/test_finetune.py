@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from maeformer_fast.data import DatasetError
 from maeformer_fast.models import NNFormer, NNFormerEncoder, get_config
 from maeformer_fast.models.pretrained import init_from_encoder, load_encoder, save_encoder
 from maeformer_fast.train.finetune import FinetuneConfig, finetune
@@ -106,6 +107,13 @@ def test_short_finetune_reaches_non_trivial_dice_and_predicts_in_source_geometry
     scores = evaluate(tmp_path / "pred", refs)
     assert set(scores["summary"]) == {"1", "2"}
     assert (tmp_path / "pred" / "scores.csv").is_file()
+
+    (inputs / "aaa_broken.nii.gz").write_bytes(b"not a NIfTI file")  # sorts first
+    with pytest.raises(DatasetError) as caught:
+        predict(result.out, inputs, tmp_path / "pred_again")
+    assert "its 2 readable inputs" in str(caught.value) and "aaa_broken.nii.gz" in str(caught.value)
+    again = sorted(p.name for p in (tmp_path / "pred_again").glob("*.nii.gz"))
+    assert again == sorted(p.name for p in written)
 
 
 def test_evaluate_files_with_known_answers_counts_false_positive_classes(tmp_path, capsys):

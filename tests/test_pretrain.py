@@ -56,7 +56,7 @@ def test_killed_run_resumes_to_the_same_weights(phantom_cache, tmp_path):
 
     resumed = pretrain(config(phantom_cache, out, steps=steps, resume=True))
     assert len(resumed.losses) < steps  # it really continued from a checkpoint
-    rows = list(csv.DictReader(open(out / "pretrain_log.csv")))
+    rows = list(csv.DictReader((out / "pretrain_log.csv").read_text().splitlines()))
     assert [int(r["step"]) for r in rows] == list(range(5, steps + 1, 5))
     elapsed = [float(r["elapsed_s"]) for r in rows]
     assert elapsed == sorted(elapsed)  # the resumed part counts on from the killed run's time

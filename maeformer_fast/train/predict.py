@@ -45,8 +45,10 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
     """Segment every volume under ``inputs`` and write ``<case>.nii.gz`` label maps (uint8) to ``out``,
     in each input's own shape, affine and orientation (preprocessing undone).
 
-    ``model_path``: a model file, or a fine-tuning output folder (its best ``model.safetensors``)."""
-    from ..data import preprocess_volume, restore_to_original, write_nifti
+    ``model_path``: a model file, or a fine-tuning output folder (its best ``model.safetensors``).
+    An unreadable input does not stop the others: every readable one is written, then a DatasetError
+    lists the bad ones."""
+    from ..data import DatasetError, preprocess_volume, restore_to_original, write_nifti
     from ..models.pretrained import load_segmenter
 
     torch_device = use_device(device)
@@ -59,14 +61,21 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
     crop = model.config.crop_size
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, problems = [], []
     cases = group_channels(nifti_files(Path(inputs)), plan["num_channels"])
     for name, files in tqdm(sorted(cases.items()), desc="predict", unit="case"):
-        image, geometry = preprocess_volume(files if len(files) > 1 else files[0], plan)
+        try:
+            image, geometry = preprocess_volume(files if len(files) > 1 else files[0], plan)
+        except DatasetError as error:
+            problems += error.problems
+            continue
         labels = predict_case(model, image, crop, model.config.num_classes, torch_device, resolved, overlap,
                               mirror=mirror)  # fmt: skip
         restored, affine = restore_to_original(labels, geometry)
         written.append(write_nifti(out / f"{name}.nii.gz", restored.astype(np.uint8), affine))
+    if problems:
+        done = f"{inputs} (its {len(written)} readable inputs are predicted in {out})"
+        raise DatasetError(problems, done)
     return written
 
 
