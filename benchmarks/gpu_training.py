@@ -262,8 +262,9 @@ def markdown_report(result: dict, command: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in result["cases"]:
-        if "error" in r:
-            lines.append(f"| {r['case']} | {r['error'][:120]} | | | | |")
+        if "error" in r:  # one table cell: no line breaks or column bars
+            message = " ".join(r["error"].split()).replace("|", "/")[:120]
+            lines.append(f"| {r['case']} | {message} | | | | |")
             continue
         peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
         lines.append(f"| {r['case']} | {r['ms_per_step']:.1f} | {r['steps_per_s']:.2f} | "
@@ -324,9 +325,13 @@ def main() -> int:
     path = out if out.suffix == ".json" else out / "training.json"
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    def save() -> None:  # after every case: a run killed at the budget still leaves its results
+    command = "python benchmarks/gpu_training.py " + " ".join(sys.argv[1:])
+
+    def save() -> None:  # after every case: a run killed at its time limit still leaves its results
         result["elapsed_s"] = time.perf_counter() - started
+        result["ratios"] = ratios(result.get("cases", []))
         path.write_text(json.dumps(result, indent=2))
+        path.with_suffix(".md").write_text(markdown_report(result, command))
 
     try:
         result["encoder_flops"] = encoder_flops(shapes, device)
@@ -358,11 +363,8 @@ def main() -> int:
                 torch.cuda.empty_cache()
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "traceback"}), flush=True)
         save()
-    result["ratios"] = ratios(rows)
     save()
     print_table(rows, result["ratios"])
-    command = "python benchmarks/gpu_training.py " + " ".join(sys.argv[1:])
-    path.with_suffix(".md").write_text(markdown_report(result, command))
     print(f"wrote {path} and its RESULTS.md section {path.with_suffix('.md')} in "
           f"{time.perf_counter() - started:.0f} s")  # fmt: skip
     return 0

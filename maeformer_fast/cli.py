@@ -138,8 +138,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .train.pretrain import PretrainConfig, pretrain
 
     out = Path(args.out)
-    for run in ("pretrain", "finetune"):  # the demo's own runs from an earlier demo: start them afresh
-        shutil.rmtree(out / run, ignore_errors=True)
+    runs, marker = (out / "pretrain", out / "finetune"), out / ".maeformer-demo"
+    if any(run.exists() for run in runs) and not marker.exists():
+        raise FileExistsError(
+            f"{out} holds pretrain/ or finetune/ runs not made by the demo: use another --out"
+        )
+    for run in runs:  # an earlier demo's runs: the demo starts them afresh
+        shutil.rmtree(run, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("made by `maeformer demo`, which restarts its runs in this folder\n")
     data = make_phantoms(out / "phantoms", seed=args.seed)
     print(f"generated phantom dataset: {data}")
     pre = pretrain(PretrainConfig(data=str(data), out=str(out / "pretrain"), steps=args.pretrain_steps,

@@ -220,6 +220,7 @@ def test_damaged_cache_files_are_named_before_training(phantom_cache: Path, tmp_
     with pytest.raises(ValueError, match="phantom_001_label.npy: unreadable cache file"):
         make_loader(damaged, (16, 16, 16), 2, labeled=True, num_workers=0)
     image = damaged / "cases" / "phantom_002_image.npy"
-    image.write_bytes(image.read_bytes()[:200])  # truncated
-    with pytest.raises(ValueError, match="phantom_002_image.npy: unreadable cache file"):
-        make_loader(damaged, (16, 16, 16), 2, labeled=False, num_workers=0)
+    for damage in (image.read_bytes()[:200], b""):  # truncated, empty
+        image.write_bytes(damage)
+        with pytest.raises(ValueError, match="phantom_002_image.npy: unreadable cache file"):
+            make_loader(damaged, (16, 16, 16), 2, labeled=False, num_workers=0)

@@ -183,3 +183,13 @@ def test_predict_round_trips_geometry_of_real_hippocampus_files(tmp_path):
         predicted = nib.load(str(out))
         assert predicted.shape == original.shape
         np.testing.assert_allclose(predicted.affine, original.affine, atol=1e-5)
+
+
+def test_demo_never_deletes_runs_it_did_not_make(tmp_path, capsys):
+    from maeformer_fast.cli import main
+
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "encoder.safetensors").write_bytes(b"a user's run")
+    assert main(["demo", "--out", str(tmp_path), "--pretrain-steps", "1", "--finetune-steps", "1"]) == 2
+    assert "not made by the demo" in capsys.readouterr().err
+    assert (tmp_path / "pretrain" / "encoder.safetensors").read_bytes() == b"a user's run"

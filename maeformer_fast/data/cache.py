@@ -60,7 +60,7 @@ def cached_array(cache_dir: str | Path, case_id: str, kind: str) -> np.ndarray:
     path = case_file(cache_dir, case_id, kind)
     try:
         return np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as error:  # missing, truncated, or not a .npy file
+    except (OSError, ValueError, EOFError) as error:  # missing, truncated, empty, or not a .npy file
         raise ValueError(
             f"{path}: unreadable cache file ({error}); rebuild the cache with `maeformer preprocess`"
         ) from error

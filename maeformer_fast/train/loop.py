@@ -145,7 +145,10 @@ class Optimisation:
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        scale = self.scaler.get_scale()  # 1.0 without fp16; with fp16 one host read, like the loss's
+        # Without fp16 the scale is a constant 1.0. With fp16 these reads wait for the device (the
+        # scaler reads its overflow flags on the host inside step() as well): fp16's price for a
+        # schedule that moves only with the weights.
+        scale = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scaler.get_scale() >= scale:  # a lower scale: fp16 overflow, optimizer step skipped
@@ -180,10 +183,10 @@ class Optimisation:
             )
         saved = manager.read_meta(latest).get("config", {})
         current = _settings(config)
-        changed = [
-            f"{name} {saved.get(name)!r} -> {current.get(name)!r}"
-            for name in sorted(set(saved) | set(current))
-            if name not in CHANGEABLE_ON_RESUME and saved.get(name) != current.get(name)
+        changed = [  # settings both know: a field added to the config later does not block old runs
+            f"{name} {saved[name]!r} -> {current[name]!r}"
+            for name in sorted(set(saved) & set(current))
+            if name not in CHANGEABLE_ON_RESUME and saved[name] != current[name]
         ]
         if saved and changed:
             raise ValueError(
@@ -203,6 +206,7 @@ CHANGEABLE_ON_RESUME = frozenset({
     "data", "out", "cache_dir", "resume", "progress", "num_workers", "loader", "device", "steps",
     "checkpoint_every", "log_every", "preview_every", "val_every", "max_val_cases", "evaluate_test",
     "compile", "activation_checkpointing", "deterministic", "precision",
+    "init",  # the checkpoint's weights replace the initial ones anyway
 })  # fmt: skip
 
 
