@@ -246,7 +246,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         user_error = isinstance(error, (OSError, ValueError, NonFiniteLossError))
         if not user_error or os.environ.get("MAEFORMER_TRACEBACK") == "1":
             raise
-        print(f"maeformer {args.command}: error: {error}", file=sys.stderr)
+        message = str(error)
+        if "Original Traceback" in message:  # re-raised from a DataLoader worker: its last line says what
+            message = "in a data loader worker: " + message.strip().splitlines()[-1]
+        print(f"maeformer {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 
