@@ -188,7 +188,7 @@ class Optimisation:
             for name in sorted(set(saved) & set(current))
             if name not in CHANGEABLE_ON_RESUME and saved[name] != current[name]
         ]
-        if saved and changed:
+        if changed:
             raise ValueError(
                 f"cannot resume {latest}: it was trained with other settings ({'; '.join(changed)}); "
                 "resume with its settings, or start a new run in another --out"
