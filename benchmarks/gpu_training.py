@@ -36,13 +36,11 @@ import argparse
 import contextlib
 import gc
 import json
-import math
 import signal
 import sys
 import time
 import traceback
 import warnings
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,13 +48,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from maeformer_fast.info import environment_report
-from maeformer_fast.models.config import get_config
-from maeformer_fast.models.nnformer import NNFormer
 from maeformer_fast.ops.masking import random_unit_mask
-from maeformer_fast.train import finetune as ft
 from maeformer_fast.train import pretrain as pt
-from maeformer_fast.train.distributed import DistInfo
-from maeformer_fast.train.loop import prepare_model
+from maeformer_fast.train.bench import synchronize, time_steps, training_step
 
 MASK_RATIO = 0.75
 # name -> (model config, crop, batch, model overrides)
@@ -111,50 +105,6 @@ def plan_cpu_cases() -> list[Case]:
     return [Case(**{**asdict(c), "compile": compiled}) for c in base for compiled in (False, True)]
 
 
-def make_step(
-    case: Case, shapes: dict, device: torch.device, backend: str
-) -> tuple[Callable[[], float], int]:
-    """A training-step closure (returns the loss) and the voxels one step consumes."""
-    model_name, crop, batch, overrides = shapes[case.shape]
-    torch.manual_seed(0)
-    with device:  # weights made on the GPU directly: the synapse model has 150 M parameters
-        if case.task == "pretrain":
-            config = pt.PretrainConfig(data="", out="", model=model_name, encoder=case.mode,
-                                       model_overrides=overrides, steps=1000)  # fmt: skip
-            model = pt.build_mae(config)
-            optimisation = pt.build_optimisation(config, model, case.precision, device)
-            images = torch.randn(batch, 1, *crop)
-        else:
-            config = ft.FinetuneConfig(
-                data="", out="", model=model_name, model_overrides=overrides, steps=1000
-            )
-            model = NNFormer(get_config(model_name, **overrides))
-            optimisation = ft.build_optimisation(config, model, case.precision, device)
-            images = torch.randn(batch, 1, *crop)
-            labels = torch.randint(0, model.config.num_classes, (batch, *crop))
-    train_model = prepare_model(model, DistInfo(), device, case.compile, case.checkpointing, backend)
-    unit_grid = model.encoder.unit_grid(crop)
-
-    def loss_of(_micro: int) -> torch.Tensor:
-        if case.task == "pretrain":
-            ids = random_unit_mask(batch, unit_grid, MASK_RATIO, device=device)  # new mask every step
-            return pt.mae_loss(train_model, images, ids, case.precision, device)[0]
-        return ft.segmentation_loss(train_model, images, labels, case.precision, device)
-
-    def step() -> float:
-        loss = optimisation.accumulate(train_model, loss_of)
-        value = loss.item()  # the training loop checks every step's loss: one host sync, as here
-        optimisation.step()
-        return value
-
-    return step, math.prod(crop) * batch
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_case(case: Case, shapes: dict, device: torch.device, backend: str, seconds: float) -> dict:
     """Warm up (compiles included), then time steps for about ``seconds`` (at least 3)."""
     row: dict = {"case": case.name, **asdict(case)}
@@ -162,27 +112,23 @@ def run_case(case: Case, shapes: dict, device: torch.device, backend: str, secon
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    step, voxels = make_step(case, shapes, device, backend)
+    model_name, crop, batch, overrides = shapes[case.shape]
+    step, voxels = training_step(case.task, model_name, crop, batch, case.precision, device, case.mode,
+                                 overrides, case.compile, case.checkpointing, backend)  # fmt: skip
     if device.type == "cuda":
         row["static_mib"] = torch.cuda.memory_allocated() / 2**20
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         started = time.perf_counter()
         for _ in range(3):  # sparse masks change the window counts: a dynamic-shape recompile at step 2
-            loss = step()
+            step()
         synchronize(device)
         row["warmup_s"] = time.perf_counter() - started
     fallback = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
     if fallback:
         raise RuntimeError(fallback[0])
-    steps, started = 0, time.perf_counter()
-    while steps < 3 or time.perf_counter() - started < seconds:
-        loss = step()
-        steps += 1
-    synchronize(device)
-    elapsed = time.perf_counter() - started
-    row.update(steps=steps, ms_per_step=1e3 * elapsed / steps, steps_per_s=steps / elapsed,
-               voxels_per_s=voxels * steps / elapsed, loss=loss)  # fmt: skip
+    row.update(time_steps(step, device, seconds))
+    row["voxels_per_s"] = voxels * row["steps_per_s"]
     if device.type == "cuda":
         row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return row

@@ -128,6 +128,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time the training steps on this machine and print a table with the sparse/dense ratio."""
+    from .train.bench import bench
+
+    rows = bench(args.model, args.crop_size, args.batch_size, args.device, args.precision, args.seconds,
+                 args.compile)  # fmt: skip
+    print(f"model {args.model}, batch {args.batch_size}, precision {rows[0]['precision']}, "
+          f"compiled {rows[0]['compiled']}")  # fmt: skip
+    print(f"{'step':<20}{'ms/step':>10}{'steps/s':>10}{'Mvoxels/s':>11}{'peak MiB':>10}{'warm-up s':>11}")
+    for r in rows:
+        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
+        print(f"{r['task'] + ' ' + r['mode']:<20}{r['ms_per_step']:>10.1f}{r['steps_per_s']:>10.2f}"
+              f"{r['voxels_per_s'] / 1e6:>11.2f}{peak:>10}{r['warmup_s']:>11.1f}")  # fmt: skip
+    speed = {(r["task"], r["mode"]): r["steps_per_s"] for r in rows}
+    ratio = speed[("pretrain", "sparse")] / speed[("pretrain", "dense")]
+    print(f"sparse / dense pretraining speed: {ratio:.2f}x")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Phantoms -> MAE pretraining -> fine-tuning from the encoder -> prediction -> evaluation."""
     import json
@@ -192,6 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--finetune-steps", type=int, default=200, help="fine-tuning steps (default: 200)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the runs (default: 0)")
     demo.set_defaults(func=cmd_demo)
+
+    ben = sub.add_parser(
+        "bench", help="training-step speed on this machine: sparse vs dense MAE, fine-tuning"
+    )
+    ben.add_argument("--model", default="small", help=PRETRAIN_HELP["model"] + " (default: small)")
+    ben.add_argument("--crop-size", type=int, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                     help="crop in voxels (default: the model config's crop)")  # fmt: skip
+    ben.add_argument("--batch-size", type=int, default=2, help="crops per step (default: 2)")
+    ben.add_argument("--device", default="auto", help=PRETRAIN_HELP["device"] + " (default: auto)")
+    ben.add_argument("--precision", default="auto", help=PRETRAIN_HELP["precision"] + " (default: auto)")
+    ben.add_argument(
+        "--seconds", type=float, default=5.0, help="timing per case after a warm-up step (default: 5)"
+    )
+    ben.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                     help="torch.compile the transformer blocks (default: the device's default)")  # fmt: skip
+    ben.set_defaults(func=cmd_bench)
 
     pre = sub.add_parser("pretrain", help="MAE pretraining of the nnFormer encoder on unlabeled volumes")
     add_dataclass_arguments(pre, PretrainConfig, PRETRAIN_HELP)
