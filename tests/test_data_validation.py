@@ -178,6 +178,7 @@ def test_empty_folders(tmp_path: Path) -> None:
     (tmp_path / "dec" / "dataset.json").write_text(json.dumps({"training": [], "test": []}))
     assert "empty folder" in _only(_errors(tmp_path / "dec", tmp_path))[1]
     assert "does not exist" in _only(_errors(tmp_path / "nowhere", tmp_path))[1]
+    assert "a file, not a dataset folder" in _only(_errors(tmp_path / "dec" / "dataset.json", tmp_path))[1]
 
 
 def test_invalid_dataset_json(tmp_path: Path) -> None:

@@ -54,6 +54,8 @@ def scan_layout(src: str | Path) -> tuple[DatasetLayout | None, list[Problem]]:
     cases (None when nothing usable was found) and the problems.
     """
     root = Path(src)
+    if root.is_file():
+        return None, [Problem(str(root), f"a file, not a dataset folder (pass its folder, {root.parent})")]
     if not root.is_dir():
         return None, [Problem(str(root), "dataset folder does not exist")]
     if (root / "dataset.json").is_file() or (root / "imagesTr").is_dir() or (root / "imagesTs").is_dir():
