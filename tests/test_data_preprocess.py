@@ -292,7 +292,7 @@ def test_read_only_folder_counts_as_read_only_even_for_root(tmp_path: Path) -> N
         (tmp_path / "shared").chmod(0o755)
 
 
-def test_cli_commands(tmp_path: Path) -> None:
+def test_cli_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
     from maeformer_fast.data.commands import add_commands
@@ -332,5 +332,9 @@ def test_cli_commands(tmp_path: Path) -> None:
     assert args.func(args) == 0
     assert load_plan(tmp_path / "c")["spacing"] == [1.0, 1.0, 2.0]
     (tmp_path / "empty").mkdir()
-    args = parser.parse_args(["preprocess", str(tmp_path / "empty"), str(tmp_path / "c2"), "--skip-bad"])
-    assert args.func(args) == 2
+    from maeformer_fast.cli import main
+
+    assert main(["preprocess", str(tmp_path / "empty"), str(tmp_path / "c2"), "--skip-bad"]) == 2
+    last_report = capsys.readouterr().err.split("\r")[-1]  # after the earlier progress bars
+    assert "maeformer preprocess: error: 1 problem(s) in dataset" in last_report
+    assert "empty folder" in last_report

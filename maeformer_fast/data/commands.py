@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 
@@ -84,21 +83,17 @@ def _triple(kind: type) -> Any:
 
 
 def _run_preprocess(args: argparse.Namespace) -> int:
-    from .errors import DatasetError
     from .preprocess import preprocess_dataset
 
-    try:
-        out = preprocess_dataset(
-            args.src,
-            args.out,
-            target_spacing=args.spacing,
-            modality=args.modality,
-            workers=args.workers,
-            skip_bad=args.skip_bad,
-        )
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # Bad datasets raise DatasetError (a ValueError): the CLI reports it like every input error.
+    out = preprocess_dataset(
+        args.src,
+        args.out,
+        target_spacing=args.spacing,
+        modality=args.modality,
+        workers=args.workers,
+        skip_bad=args.skip_bad,
+    )
     print(f"preprocessed cache: {out}")
     return 0
 
