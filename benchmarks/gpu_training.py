@@ -50,9 +50,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from maeformer_fast.info import environment_report
 from maeformer_fast.ops.masking import random_unit_mask
 from maeformer_fast.train import pretrain as pt
-from maeformer_fast.train.bench import synchronize, time_steps, training_step
+from maeformer_fast.train.bench import MASK_RATIO, measure_step, training_step
 
-MASK_RATIO = 0.75
 # name -> (model config, crop, batch, model overrides)
 SHAPES = {
     "small": ("small", (32, 48, 32), 8, {}),
@@ -119,18 +118,11 @@ def run_case(case: Case, shapes: dict, device: torch.device, backend: str, secon
         row["static_mib"] = torch.cuda.memory_allocated() / 2**20
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        started = time.perf_counter()
-        for _ in range(3):  # sparse masks change the window counts: a dynamic-shape recompile at step 2
-            step()
-        synchronize(device)
-        row["warmup_s"] = time.perf_counter() - started
+        # 3 warm-up steps: sparse masks change the window counts, a dynamic-shape recompile at step 2.
+        row.update(measure_step(step, voxels, device, seconds, warmup_steps=3))
     fallback = [str(w.message) for w in caught if "torch.compile" in str(w.message)]
     if fallback:
         raise RuntimeError(fallback[0])
-    row.update(time_steps(step, device, seconds))
-    row["voxels_per_s"] = voxels * row["steps_per_s"]
-    if device.type == "cuda":
-        row["peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     return row
 
 

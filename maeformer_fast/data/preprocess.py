@@ -64,7 +64,8 @@ def preprocess_dataset(
     unless ``skip_bad``: then bad cases are left out with a warning and listed in plan.json.
     """
     out = Path(out)
-    if out.resolve() == Path(src).resolve() or Path(src).resolve() in out.resolve().parents:
+    source, target = Path(src).resolve(), out.resolve()
+    if target == source or source in target.parents:
         raise ValueError(f"{out}: the cache must not be the dataset folder {src} or inside it")
     layout, problems = scan_layout(src)
     if layout is None:

@@ -102,6 +102,22 @@ def time_steps(step: Callable[[], float], device: torch.device, seconds: float, 
     return {"steps": steps, **per_step, "loss": loss}
 
 
+def measure_step(
+    step: Callable[[], float], voxels: int, device: torch.device, seconds: float, warmup_steps: int = 1
+) -> dict:
+    """Warm up (allocator, kernels, compilation), then time ``step``: warmup_s, :func:`time_steps`'
+    figures, voxels_per_s and, on CUDA, peak_mib (max_memory_allocated since the caller's reset)."""
+    started = time.perf_counter()
+    for _ in range(warmup_steps):
+        step()
+    synchronize(device)
+    row = {"warmup_s": time.perf_counter() - started, **time_steps(step, device, seconds)}
+    row["voxels_per_s"] = voxels * row["steps_per_s"]
+    if device.type == "cuda":
+        row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return row
+
+
 def bench(
     model: str = "small",
     crop_size: Sequence[int] | None = None,
@@ -128,15 +144,7 @@ def bench(
             torch.cuda.reset_peak_memory_stats(torch_device)
         step, voxels = training_step(task, model, crop, batch_size, resolved, torch_device, mode,
                                      model_overrides, compiled)  # fmt: skip
-        started = time.perf_counter()
-        step()  # warm-up: allocator, kernels, and the compilation with --compile
-        synchronize(torch_device)
-        row = {"task": task, "mode": mode, "precision": resolved, "compiled": compiled,
-               "warmup_s": time.perf_counter() - started}  # fmt: skip
-        row.update(time_steps(step, torch_device, seconds))
-        row["voxels_per_s"] = voxels * row["steps_per_s"]
-        if torch_device.type == "cuda":
-            row["peak_mib"] = torch.cuda.max_memory_allocated(torch_device) / 2**20
-        rows.append(row)
+        row = {"task": task, "mode": mode, "precision": resolved, "compiled": compiled}
+        rows.append({**row, **measure_step(step, voxels, torch_device, seconds)})
         del step
     return rows

@@ -150,8 +150,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     crop = tuple(config.crop_size or model.config.crop_size)
     optimisation = build_optimisation(config, model, run.precision, device)
     checkpoints = CheckpointManager(out / "checkpoints")
-    resumed = optimisation.resume(checkpoints, config)
-    start_step, meta = resumed if resumed else (0, {})
+    start_step, meta = optimisation.resume(checkpoints, config)
     best = meta.get("best", {"dice": -1.0, "step": 0})
     curve = [tuple(point) for point in meta.get("curve", [])]
     earlier_s = meta.get("elapsed_s", 0.0)  # training time before a resume, so logs count the whole run
@@ -166,7 +165,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         (out / "splits.json").write_text(json.dumps(splits.to_dict(), indent=2))
         (out / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
         log = CsvLog(out / "finetune_log.csv", ["step", "loss", "lr", "val_dice", "elapsed_s"],
-                     resume_step=start_step if resumed else None)  # fmt: skip
+                     resume_step=start_step or None)  # fmt: skip
     loader = make_loader(
         run.cache, crop, config.batch_size, labeled=True, cases=splits.train, backend=config.loader,
         device=device, seed=config.seed, start_step=start_step * micro_steps, rank=dist_info.rank,
@@ -189,7 +188,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         case_ids[:] = (case_ids if micro else []) + batch.get("case_ids", [])
         return segmentation_loss(train_model, batch["image"], batch["label"], run.precision, device)
 
-    started = time.perf_counter()
+    started = time.perf_counter() - earlier_s  # the whole run's clock, resumed parts included
     model.train()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="finetune",
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
@@ -212,10 +211,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                 save_segmenter(model_path, model, plan, {**info, "step": done, "val_dice": val_dice})
         log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{optimisation.lr:.3e}",
                   val_dice="" if val_dice is None else f"{val_dice:.4f}",
-                  elapsed_s=f"{earlier_s + time.perf_counter() - started:.2f}")  # fmt: skip
+                  elapsed_s=f"{time.perf_counter() - started:.2f}")  # fmt: skip
         if done % config.checkpoint_every == 0 or done == config.steps:
             meta = {"kind": "finetune", "best": best, "curve": curve,
-                    "elapsed_s": earlier_s + time.perf_counter() - started}  # fmt: skip
+                    "elapsed_s": time.perf_counter() - started}  # fmt: skip
             optimisation.save(checkpoints, done, config, meta)
     bar.close()
     barrier(dist_info)
@@ -233,7 +232,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     # Only rank 0 validated and tested; every rank returns its results.
     best, curve, test_dice, test_hd95 = broadcast_from_main((best, curve, test_dice, test_hd95), dist_info)
     return FinetuneResult(out, model_path, last_path, best["dice"], best["step"], curve, splits.to_dict(),
-                          test_dice, test_hd95, earlier_s + time.perf_counter() - started)  # fmt: skip
+                          test_dice, test_hd95, time.perf_counter() - started)  # fmt: skip
 
 
 def evaluate_saved(path: Path, cache: Path, cases: list[str], crop, plan: dict, device, precision: str):

@@ -89,16 +89,16 @@ def setup_run(config: RunConfig) -> RunSetup:
     out_path.mkdir(parents=True, exist_ok=True)
     # Rank 0 builds (or refreshes) the cache; the others open exactly that folder instead of checking
     # the raw dataset again, which would rewrite the cache's plan files while rank 0 reads them.
-    cache = str(ensure_preprocessed(config.data, config.cache_dir)) if dist_info.is_main else None
-    cache = broadcast_from_main(cache, dist_info)
-    if not is_cache(Path(cache)):
+    built = str(ensure_preprocessed(config.data, config.cache_dir)) if dist_info.is_main else None
+    cache = Path(broadcast_from_main(built, dist_info))
+    if not is_cache(cache):
         raise FileNotFoundError(
             f"rank {dist_info.rank} cannot open the preprocessing cache rank 0 built at {cache}: put "
             "--data (or --cache-dir) on a filesystem every node shares, or preprocess on every node "
             "with `maeformer preprocess SRC CACHE` and pass CACHE as --data (docs/scaling.md)"
         )
     return RunSetup(
-        torch_device, resolve_precision(config.precision, torch_device), dist_info, out_path, Path(cache)
+        torch_device, resolve_precision(config.precision, torch_device), dist_info, out_path, cache
     )
 
 
@@ -167,15 +167,16 @@ class Optimisation:
         }
         return manager.save(step, self.model, state, {**meta, "config": _settings(config)})
 
-    def resume(self, manager: CheckpointManager, config: RunConfig) -> tuple[int, dict[str, Any]] | None:
-        """Load the newest checkpoint into model and optimisation state: (step, meta), or None.
+    def resume(self, manager: CheckpointManager, config: RunConfig) -> tuple[int, dict[str, Any]]:
+        """Load the newest checkpoint into model and optimisation state: (step, meta), or (0, {})
+        when there is none (a new run).
 
         Refuses a new run (``config.resume`` off) over an earlier run's checkpoints, and resuming a
         run whose checkpoint was trained with other settings than ``config`` (see CHANGEABLE_ON_RESUME).
         """
         latest = manager.latest()
         if latest is None:
-            return None
+            return 0, {}
         if not config.resume:
             raise FileExistsError(
                 f"{manager.root} holds the checkpoints of an earlier run (newest: {latest.name}): pass "

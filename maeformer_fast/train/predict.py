@@ -74,8 +74,7 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
         restored, affine = restore_to_original(labels, geometry)
         written.append(write_nifti(out / f"{name}.nii.gz", restored.astype(np.uint8), affine))
     if problems:
-        done = f"{inputs} (its {len(written)} readable inputs are predicted in {out})"
-        raise DatasetError(problems, done)
+        raise DatasetError(problems, f"{inputs} (its {len(written)} readable inputs are predicted in {out})")
     return written
 
 

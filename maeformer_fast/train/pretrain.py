@@ -126,8 +126,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         )
     optimisation = build_optimisation(config, model, precision, device)
     checkpoints = CheckpointManager(out / "checkpoints")
-    resumed = optimisation.resume(checkpoints, config)
-    start_step, meta = resumed if resumed else (0, {})
+    start_step, meta = optimisation.resume(checkpoints, config)
     earlier_s = meta.get("elapsed_s", 0.0)  # training time before a resume, so logs count the whole run
     train_model = prepare_model(
         model, dist_info, device, resolve_compile(config.compile, device), config.activation_checkpointing
@@ -138,7 +137,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     log = None
     if dist_info.is_main:
         fields = ["step", "loss", "lr", "voxels_per_s", "elapsed_s"]
-        log = CsvLog(out / "pretrain_log.csv", fields, resume_step=start_step if resumed else None)
+        log = CsvLog(out / "pretrain_log.csv", fields, resume_step=start_step or None)
 
     loader = make_loader(
         run.cache, crop, config.batch_size, labeled=False, backend=config.loader, device=device,
