@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from maeformer_fast.models import NNFormer, NNFormerEncoder, get_config
+from maeformer_fast.models.tokens import stage_window
 from maeformer_fast.ops import bias_table_size, relative_position_index
 from maeformer_fast.ops.window_groups import official_to_correct_rows
 
@@ -68,6 +69,34 @@ def test_relative_position_index_is_a_bijection_over_offsets(window):
     assert sorted(rows.tolist()) == list(range(bias_table_size(window)))
 
 
+def upstream_official_index(window: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """nnFormer's ``relative_position_index`` transcribed from the official code, per token pair of one
+    window: (official row (N, N), offset (N, N, 3))."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")).flatten(1)
+    offsets = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0).contiguous()
+    relative = offsets.clone()
+    relative[:, :, 0] += window[0] - 1
+    relative[:, :, 1] += window[1] - 1
+    relative[:, :, 2] += window[2] - 1
+    relative[:, :, 0] *= 3 * window[1] - 1
+    relative[:, :, 1] *= 2 * window[1] - 1
+    return relative.sum(-1), offsets
+
+
+@pytest.mark.parametrize("window", [(4, 4, 4), (3, 5, 5), (2, 3, 4)])
+def test_official_index_matches_the_upstream_formula_worked_by_hand(window):
+    """Catches a changed multiplier or offset in ``official_to_correct_rows`` (tried: ``3 * wy - 1``
+    -> ``2 * wy - 1``, and ``+ wx - 1`` -> ``+ wx``): rows are compared with the upstream code's
+    formula transcribed here and, for 4x4x4, with rows worked out by hand."""
+    upstream, offsets = upstream_official_index(window)
+    rows = official_to_correct_rows(window)
+    assert torch.equal(rows[relative_position_index(offsets, window)], upstream)
+    if window == (4, 4, 4):  # multipliers 11, 7, 1 on offsets shifted by 3; correct rows use 49, 7, 1
+        assert rows[171].item() == 57  # offset (0, 0, 0): 3 * 11 + 3 * 7 + 3
+        assert rows[0].item() == 0 and rows[342].item() == 114  # (-3, -3, -3) and (3, 3, 3): 6 * 19
+        assert rows[49].item() == rows[11].item() == 11  # (-2, -3, -3) and (-3, -2, 1) share row 11
+
+
 def test_official_index_aliases_offsets_and_flag_reproduces_it():
     rows = official_to_correct_rows((4, 4, 4))
     assert rows.unique().numel() < rows.numel()  # the upstream bug: distinct offsets share a row
@@ -76,6 +105,29 @@ def test_official_index_aliases_offsets_and_flag_reproduces_it():
     assert plain.state_dict().keys() == official.state_dict().keys()
     attn = official.encoder.stages[0].blocks[0].attn
     torch.testing.assert_close(attn.bias_table(), attn.relative_position_bias_table[rows])
+    table = attn.relative_position_bias_table
+    assert torch.equal(attn.bias_table()[171], table[57])  # offset (0, 0, 0) reads upstream's row 57
+    assert torch.equal(attn.bias_table()[49], table[11]) and torch.equal(attn.bias_table()[11], table[11])
+
+
+@pytest.mark.parametrize(
+    ("grid", "window", "shifted", "expected"),
+    [
+        ((8, 8, 8), (4, 4, 4), True, ((4, 4, 4), (2, 2, 2))),
+        ((8, 8, 8), (4, 4, 4), False, ((4, 4, 4), (0, 0, 0))),
+        ((4, 6, 8), (4, 4, 4), True, ((4, 4, 4), (0, 2, 2))),  # z: the window covers the grid exactly
+        ((2, 3, 5), (4, 4, 4), True, ((2, 3, 4), (0, 0, 2))),  # clipped to the grid on z and y
+        ((10, 5, 4), (3, 5, 5), True, ((3, 5, 4), (1, 0, 0))),  # ACDC's anisotropic window
+        ((2, 12, 6), (3, 5, 5), True, ((2, 5, 5), (0, 2, 2))),
+        ((5, 20, 10), (7, 10, 10), True, ((5, 10, 10), (0, 5, 0))),
+        ((5, 20, 10), (7, 10, 10), False, ((5, 10, 10), (0, 0, 0))),
+    ],
+)
+def test_stage_window_on_hand_worked_grids(grid, window, shifted, expected):
+    """Catches a shift where the window covers the grid (tried: ``w < g`` -> ``w <= g``), an unclipped
+    window (tried: ``min(w, g)`` -> ``w``) and a shift other than half the window, rounded down
+    (tried: ``w // 2`` -> ``(w + 1) // 2``)."""
+    assert stage_window(grid, window, shifted) == expected
 
 
 def test_attention_gets_one_dtype_under_cuda_autocast_rules(monkeypatch):

@@ -1,6 +1,9 @@
 """Dice and 95th-percentile Hausdorff distance per class.
 
-Conventions (stated because papers differ): when reference and prediction of a class are both empty,
+Conventions (stated because papers differ): HD95 is the 95th percentile of both directed
+surface-distance sets pooled (as medpy's ``binary.hd95`` and nnFormer's evaluation; MONAI's
+``HausdorffDistanceMetric(percentile=95)`` takes the larger directed percentile instead). When
+reference and prediction of a class are both empty,
 Dice = 1 and HD95 = 0; when exactly one is empty, Dice = 0 and HD95 = NaN (undefined; reported as
 such and left out of means, which also report how many cases they cover).
 """
@@ -28,7 +31,8 @@ def surface_distances(a: np.ndarray, b: np.ndarray, spacing: tuple[float, ...]) 
 
 
 def hd95(prediction: np.ndarray, reference: np.ndarray, spacing: tuple[float, ...]) -> float:
-    """Symmetric 95th-percentile Hausdorff distance of two boolean masks (see module conventions)."""
+    """95th percentile of both directed surface-distance sets of two boolean masks, pooled (see the
+    module conventions)."""
     if not prediction.any() and not reference.any():
         return 0.0
     if not prediction.any() or not reference.any():
