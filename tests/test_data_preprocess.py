@@ -338,3 +338,38 @@ def test_cli_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     last_report = capsys.readouterr().err.split("\r")[-1]  # after the earlier progress bars
     assert "maeformer preprocess: error: 1 problem(s) in dataset" in last_report
     assert "empty folder" in last_report
+
+
+def test_a_damaged_cache_is_rebuilt_by_preprocess_and_by_a_train_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The repair the loader's error asks for works: a truncated cached array makes `maeformer
+    pretrain` stop naming it; `maeformer preprocess` then rebuilds that case (sources and plan
+    unchanged) and training runs; a train command given the raw folder repairs its cache the same way.
+    Catches a rerun that trusts the case record alone (tried: the array check taken out of
+    ``_up_to_date``: preprocess skipped the case and the next run stopped on the same file)."""
+    from maeformer_fast.cli import main
+
+    src = make_phantoms(tmp_path / "ph", num_labeled=2, num_unlabeled=1, shape=(16, 16, 16))
+    cache = tmp_path / "cache"
+    assert main(["preprocess", str(src), str(cache), "--workers", "1"]) == 0
+    image = sorted((cache / "cases").glob("*_image.npy"))[0]
+    intact = image.read_bytes()
+
+    def pretrain(out: str, data: Path, *extra: str) -> int:
+        return main(["pretrain", "--data", str(data), "--out", str(tmp_path / out), "--steps", "1",
+                     "--batch-size", "1", "--num-workers", "0", "--crop-size", "32", "32", "32",
+                     "--no-progress", *extra])  # fmt: skip
+
+    image.write_bytes(intact[: len(intact) // 2])
+    assert pretrain("broken", cache) == 2
+    assert f"{image}: unreadable cache file" in capsys.readouterr().err
+    assert main(["preprocess", str(src), str(cache), "--workers", "1"]) == 0
+    assert f"preprocess: {image}: damaged cache file" in capsys.readouterr().err
+    assert image.read_bytes() == intact
+    assert pretrain("repaired", cache) == 0
+
+    image.write_bytes(b"")  # emptied, then a train command on the raw folder with this cache
+    assert pretrain("from_raw", src, "--cache-dir", str(cache)) == 0
+    assert f"preprocess: {image}: damaged cache file" in capsys.readouterr().err
+    assert image.read_bytes() == intact

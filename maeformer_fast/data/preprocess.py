@@ -13,6 +13,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import warnings
 import zlib
 from collections.abc import Callable, Sequence
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from .cache import CASES_DIR, PLAN_FILE, PLAN_VERSION, case_file, is_cache, load_plan
+from .cache import CASES_DIR, PLAN_FILE, PLAN_VERSION, cached_array, case_file, is_cache, load_plan
 from .errors import DatasetError, Problem
 from .geometry import (
     nonzero_bbox,
@@ -394,11 +395,24 @@ def _stamps(case: CaseFiles) -> list[dict[str, Any]]:
 
 
 def _up_to_date(out: Path, case: CaseFiles, plan_hash: str) -> bool:
+    """Whether the cached case was built from the current sources and plan and its arrays are intact:
+    each must open as a .npy file whose data is as long as its header says (a truncated or emptied
+    array is rebuilt, with a line on stderr, instead of being skipped)."""
     record = _read_json(case_file(out, case.case_id, "json"))
     if record.get("plan_hash") != plan_hash or record.get("stamps") != _stamps(case):
         return False
     needed = ["image"] + (["label", "fg"] if case.label is not None else [])
-    return all(case_file(out, case.case_id, w).is_file() for w in needed)
+    for what in needed:
+        try:
+            cached_array(out, case.case_id, what)
+        except ValueError as error:  # the cause: numpy's own words on the file
+            path = case_file(out, case.case_id, what)
+            message = (
+                f"preprocess: {path}: damaged cache file ({error.__cause__}); rebuilding case {case.case_id}"
+            )
+            print(message, file=sys.stderr, flush=True)
+            return False
+    return True
 
 
 def _read_json(path: Path) -> dict[str, Any]:
