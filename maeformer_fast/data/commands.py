@@ -17,7 +17,8 @@ def add_commands(subparsers: Any) -> None:
             "imagesTs; or a plain folder of .nii/.nii.gz volumes), then reorient to RAS, crop to nonzero, "
             "resample to the target spacing, normalise and write C-order .npy arrays plus per-case "
             "geometry JSON and plan.json to OUT. All bad cases are reported at once. Re-running skips "
-            "cases whose sources and plan did not change and whose arrays are intact (damaged ones are rebuilt)."
+            "cases whose sources and plan did not change and whose arrays are intact (damaged ones are "
+            "rebuilt)."
         ),
     )
     p.add_argument("src", metavar="SRC", help="dataset folder")
