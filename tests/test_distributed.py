@@ -10,6 +10,7 @@ accumulating R micro-batches of B (each micro-batch its own Dice), which is what
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -20,11 +21,13 @@ import pytest
 import torch
 
 from maeformer_fast.models.config import get_config
-from maeformer_fast.ops.masking import random_unit_mask
 from maeformer_fast.train import finetune as ft
 from maeformer_fast.train import pretrain as pt
 from maeformer_fast.train.distributed import DistInfo, init_distributed
 from maeformer_fast.train.loop import Optimisation, prepare_model
+from maeformer_fast.weights import load_weights
+
+from . import fixed_batches as fixed
 
 CPU = torch.device("cpu")
 # A narrow model with the small config's structure (4 stages, plain and shifted blocks, skip
@@ -65,20 +68,60 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
 
 COMMON = ["--crop-size", *map(str, CROP), "--batch-size", "1", "--num-workers", "0", "--no-progress",
           "--checkpoint-every", "2"]  # fmt: skip
+# Pretraining on fixed global batches (tests/fixed_batches.py) with momentum SGD and no clipping: the
+# weights then follow the gradient's scale (AdamW normalises it away, clipping caps it).
+MAE_RUN = dict(model_overrides=TINY, crop_size=CROP, steps=4, warmup_steps=1, num_workers=0, progress=False,
+               checkpoint_every=2, optimizer="sgd", lr=0.02, grad_clip=0.0)  # fmt: skip
 
 
-def test_torchrun_pretraining_from_raw_data_then_resume_in_one_process(phantom_dataset, tmp_path):
+@pytest.fixture
+def fixed_batches(monkeypatch):
+    for module, name, replacement in fixed.PATCHES:
+        monkeypatch.setattr(module, name, replacement)
+
+
+def torchrun_pretraining(fields: dict) -> None:
+    """``pretrain()`` on the fixed batches in WORLD torchrun processes."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+               "--master_port", str(free_port()), fixed.__file__, json.dumps(fields)]  # fmt: skip
+    result = subprocess.run(command, env=one_thread_env(), capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """All MAE weights (encoder and decoder) of a run's newest checkpoint."""
+    latest = (out / "checkpoints" / "latest").read_text()
+    return load_weights(out / "checkpoints" / latest / "model.safetensors")[0]
+
+
+def assert_same_weights(actual: dict, expected: dict, what: str, atol: float = 1e-6) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(
+            actual[name], value, rtol=0, atol=atol, msg=lambda m, n=name: f"{what} {n}: {m}"
+        )
+
+
+def test_torchrun_pretraining_from_raw_data_equals_one_process_on_the_global_batch(
+    phantom_dataset, tmp_path, fixed_batches
+):
+    """2 ranks x batch 1 under torchrun train the MAE to the weights of 1 process x batch 2 on the same
+    global batches, through ``pretrain()``, with momentum SGD and no clipping, so that a gradient of
+    another scale shows (AdamW and clipping hide it). Catches gradients summed over ranks instead of
+    averaged (tried: each rank's loss times the world size in ``Optimisation.accumulate``)."""
     out, cache = tmp_path / "run", tmp_path / "cache"
-    torchrun("pretrain", "--data", str(phantom_dataset), "--cache-dir", str(cache), "--out", str(out),
-             "--steps", "4", "--preview-every", "2", "--log-every", "1", *COMMON)  # fmt: skip
+    torchrun_pretraining({**MAE_RUN, "data": str(phantom_dataset), "cache_dir": str(cache), "out": str(out),
+                          "batch_size": 1, "preview_every": 2, "log_every": 1})  # fmt: skip
     assert (cache / "plan.json").is_file()  # built once by rank 0, then read by rank 1
     assert len((out / "pretrain_log.csv").read_text().splitlines()) == 1 + 4  # one writer
     assert sorted(p.name for p in (out / "previews").iterdir()) == ["step-0000002.png", "step-0000004.png"]
-    assert (out / "checkpoints" / "latest").read_text() == "step-0000004"
+    single = pt.pretrain(
+        pt.PretrainConfig(**MAE_RUN, data=str(cache), out=str(tmp_path / "one"), batch_size=2)
+    )
+    assert_same_weights(final_weights(out), final_weights(single.out), "2 ranks x 1 vs 1 process x 2")
 
-    config = pt.PretrainConfig(data=str(cache), out=str(out), steps=6, resume=True, crop_size=CROP,
-                               batch_size=1, num_workers=0, progress=False, checkpoint_every=2)  # fmt: skip
-    resumed = pt.pretrain(config)
+    resumed = pt.pretrain(pt.PretrainConfig(**{**MAE_RUN, "steps": 6}, data=str(cache), out=str(out),
+                                            batch_size=1, resume=True))  # fmt: skip
     assert len(resumed.losses) == 2  # steps 5 and 6, from the checkpoint the two ranks wrote
     assert (out / "checkpoints" / "latest").read_text() == "step-0000006"
 
@@ -95,20 +138,6 @@ def test_torchrun_finetuning_validates_and_tests_on_rank_0(phantom_cache, tmp_pa
     assert (out / "checkpoints" / "latest").read_text() == "step-0000002"
 
 
-def mae_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per step: images (WORLD, 1, *CROP) and visible unit ids (WORLD, K), one sample per rank."""
-    generator = torch.Generator().manual_seed(seed)
-    unit = get_config("small", **TINY).total_stride
-    unit_grid = tuple(c // u for c, u in zip(CROP, unit))
-    return [
-        (
-            torch.randn(WORLD, 1, *CROP, generator=generator),
-            random_unit_mask(WORLD, unit_grid, 0.75, generator),
-        )
-        for _ in range(STEPS)
-    ]
-
-
 def segmentation_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per step: images (WORLD, 1, *CROP) and labels (WORLD, *CROP) with classes 0..2."""
     generator = torch.Generator().manual_seed(seed)
@@ -121,31 +150,12 @@ def segmentation_batches(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor
     ]
 
 
-def mae_config(**overrides) -> pt.PretrainConfig:
-    return pt.PretrainConfig(data="", out="", steps=STEPS, warmup_steps=1, model_overrides=TINY, **overrides)
-
-
-def train_mae(batches, dist_info: DistInfo, accumulate_steps: int = 1) -> dict[str, torch.Tensor]:
-    """Train with the pretraining step machinery; ``batches`` are this process's samples per step,
-    split into ``accumulate_steps`` micro-batches. Returns the final weights."""
-    config = mae_config(accumulate_steps=accumulate_steps)
-    torch.manual_seed(0)
-    model = pt.build_mae(config)
-    optimisation = pt.build_optimisation(config, model, "fp32", CPU)
-    train_model = prepare_model(model, dist_info, CPU)
-    for images, visible_ids in batches:
-        parts = list(zip(images.chunk(accumulate_steps), visible_ids.chunk(accumulate_steps)))
-        optimisation.accumulate(
-            train_model, lambda i, p=parts: pt.mae_loss(train_model, *p[i], "fp32", CPU)[0]
-        )
-        optimisation.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def train_segmenter(batches, dist_info: DistInfo, accumulate_steps: int = 1) -> dict[str, torch.Tensor]:
-    """As :func:`train_mae` for fine-tuning (Dice + CE with deep supervision)."""
-    config = ft.FinetuneConfig(data="", out="", steps=STEPS, warmup_steps=1, model_overrides=TINY,
-                               accumulate_steps=accumulate_steps)  # fmt: skip
+    """Train with the fine-tuning step machinery (Dice + CE with deep supervision; momentum SGD without
+    clipping, so the gradient's scale shows in the weights); ``batches`` are this process's samples
+    per step, split into ``accumulate_steps`` micro-batches. Returns the final weights."""
+    config = ft.FinetuneConfig(data="", out="", steps=STEPS, model_overrides=TINY, optimizer="sgd",
+                               grad_clip=0.0, accumulate_steps=accumulate_steps)  # fmt: skip
     torch.manual_seed(0)
     model = ft.NNFormer(get_config(config.model, **TINY))
     optimisation = ft.build_optimisation(config, model, "fp32", CPU)
@@ -166,41 +176,36 @@ def ddp_worker(rank: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     info = init_distributed(CPU)
     mine = slice(rank, rank + 1)
-    mae = train_mae([(x[mine], ids[mine]) for x, ids in mae_batches()], info)
     segmenter = train_segmenter([(x[mine], y[mine]) for x, y in segmentation_batches()], info)
-    torch.save({"mae": mae, "segmenter": segmenter}, Path(out) / f"rank{rank}.pt")
+    torch.save(segmenter, Path(out) / f"rank{rank}.pt")
 
 
-def assert_weights_close(actual: dict, expected: dict, what: str) -> None:
-    # Adam normalises gradients, so float rounding of near-zero gradient entries shows up at the
-    # scale of the learning rate times the steps; agreement is checked well below that.
-    for name, value in expected.items():
-        torch.testing.assert_close(
-            actual[name], value, rtol=1e-4, atol=2e-5, msg=lambda m, n=name: f"{what} {n}: {m}"
-        )
-
-
-def test_ddp_weights_equal_single_process_training_on_the_global_batch(tmp_path):
+def test_ddp_segmenter_equals_one_process_accumulating_the_ranks_micro_batches(tmp_path):
+    """Catches a gradient of another scale across ranks or micro-batches (tried: each rank's loss
+    times the world size; the accumulation's ``/ accumulate_steps`` dropped)."""
     os.environ["OMP_NUM_THREADS"] = "1"  # inherited by the spawned ranks
     torch.multiprocessing.spawn(ddp_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
-    for name, value in ranks[0]["mae"].items():  # DDP keeps the replicas identical
-        assert torch.equal(value, ranks[1]["mae"][name]), name
-
-    assert_weights_close(ranks[0]["mae"], train_mae(mae_batches(), DistInfo()), "MAE, batch of both ranks")
+    for name, value in ranks[0].items():  # DDP keeps the replicas identical
+        assert torch.equal(value, ranks[1][name]), name
     single = train_segmenter(segmentation_batches(), DistInfo(), accumulate_steps=WORLD)
-    assert_weights_close(ranks[0]["segmenter"], single, "segmenter, both ranks' micro-batches")
+    assert_same_weights(ranks[0], single, "segmenter, both ranks' micro-batches")
     one_dice = train_segmenter(segmentation_batches(), DistInfo())  # one batch Dice over both samples
-    assert any(not torch.allclose(one_dice[k], single[k], atol=1e-4) for k in single)
+    assert any(not torch.allclose(one_dice[k], single[k], rtol=0, atol=1e-6) for k in single)  # 1e-5 apart
 
 
-def test_accumulating_micro_batches_equals_one_large_batch_for_mae():
-    batches = mae_batches(seed=1)
-    whole = train_mae(batches, DistInfo())
-    accumulated = train_mae(batches, DistInfo(), accumulate_steps=2)
-    assert_weights_close(accumulated, whole, "accumulate 2 x 1 vs batch 2")
-    changed = train_mae(mae_batches(seed=2), DistInfo())
-    assert any(not torch.allclose(changed[k], whole[k], atol=1e-4) for k in whole)  # the check can fail
+def test_accumulating_micro_batches_equals_one_large_batch_through_pretrain(
+    phantom_cache, tmp_path, fixed_batches
+):
+    """2 micro-batches of 1 give the weights of one batch of 2, through ``pretrain()`` with momentum
+    SGD and no clipping. Catches the accumulation's missing ``/ accumulate_steps`` (tried in
+    ``Optimisation.accumulate``)."""
+    runs = {}
+    for name, batch, micro in (("whole", 2, 1), ("accumulated", 1, 2)):
+        config = pt.PretrainConfig(**MAE_RUN, data=str(phantom_cache), out=str(tmp_path / name),
+                                   batch_size=batch, accumulate_steps=micro)  # fmt: skip
+        runs[name] = final_weights(pt.pretrain(config).out)
+    assert_same_weights(runs["accumulated"], runs["whole"], "accumulate 2 x 1 vs batch 2")
 
 
 def test_gradient_scaler_unscales_before_clipping():

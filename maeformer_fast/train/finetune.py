@@ -20,11 +20,11 @@ from .distributed import barrier, broadcast_from_main, mean_across_ranks
 from .evaluation import score_cases, summarise
 from .loop import Optimisation, RunConfig, prepare_model, setup_run
 from .losses import deep_supervision_loss
-from .optim import make_scheduler, param_groups, poly, warmup_cosine
+from .optim import make_optimizer, make_scheduler, param_groups, poly, warmup_cosine
 from .runtime import CsvLog, autocast, check_finite, derive_seed, resolve_compile
 from .splits import make_splits
 
-OPTIMIZERS = {"adamw": {"lr": 1e-3, "weight_decay": 0.01}, "sgd": {"lr": 1e-2, "weight_decay": 3e-5}}
+OPTIMIZER_DEFAULTS = {"adamw": {"lr": 1e-3, "weight_decay": 0.01}, "sgd": {"lr": 1e-2, "weight_decay": 3e-5}}
 
 
 @dataclass
@@ -81,16 +81,12 @@ def layer_lr_scales(model: NNFormer, decay: float) -> dict[str, float]:
 
 
 def build_optimizer(config: FinetuneConfig, model: NNFormer) -> tuple[torch.optim.Optimizer, float]:
-    if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {config.optimizer!r}")
-    defaults = OPTIMIZERS[config.optimizer]
+    # An unknown optimizer name gets no defaults here and is refused by make_optimizer.
+    defaults = OPTIMIZER_DEFAULTS.get(config.optimizer, {"lr": None, "weight_decay": None})
     lr = config.lr if config.lr is not None else defaults["lr"]
     wd = config.weight_decay if config.weight_decay is not None else defaults["weight_decay"]
     scales = layer_lr_scales(model, config.layer_decay) if config.layer_decay != 1.0 else None
-    groups = param_groups(model, wd, scales)
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=0.99, nesterov=True), lr
-    return torch.optim.AdamW(groups, lr=lr), lr
+    return make_optimizer(config.optimizer, param_groups(model, wd, scales), lr), lr
 
 
 def build_optimisation(

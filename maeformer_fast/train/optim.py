@@ -34,6 +34,22 @@ def param_groups(
     return [{"params": p, "weight_decay": wd, "lr_scale": s} for (wd, s), p in groups.items()]
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(
+    name: str, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.Optimizer:
+    """``name`` over parameter ``groups``: "adamw" (with ``betas``) or "sgd" (Nesterov momentum 0.99,
+    as nnU-Net). Plain momentum SGD is linear in the gradient, so a gradient of the wrong scale shows
+    in its steps, where Adam's normalisation hides it."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.99, nesterov=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
     """LR factor: linear warmup to 1 over ``warmup`` steps, then cosine down to ``floor``."""
     if step < warmup:

@@ -19,7 +19,7 @@ from ..ops.masking import num_visible_units, random_unit_mask, visible_mask_grid
 from .checkpoint import CheckpointManager, unwrap
 from .distributed import barrier, mean_across_ranks
 from .loop import Optimisation, RunConfig, prepare_model, setup_run
-from .optim import make_scheduler, param_groups, warmup_cosine
+from .optim import make_optimizer, make_scheduler, param_groups, warmup_cosine
 from .previews import save_reconstruction_png
 from .runtime import (
     CsvLog,
@@ -40,6 +40,7 @@ class PretrainConfig(RunConfig):
     encoder: str = "sparse"  # "sparse" (visible-only MAE) or "dense" (SimMIM-style baseline)
     steps: int = 200
     warmup_steps: int | None = None  # default: 5% of steps
+    optimizer: str = "adamw"  # "adamw" (betas 0.9, 0.95) or "sgd" (nesterov momentum 0.99, set lr)
     lr: float = 5e-4
     min_lr_ratio: float = 0.01
     weight_decay: float = 0.05
@@ -85,8 +86,10 @@ def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
 def build_optimisation(
     config: PretrainConfig, model: MaskedAutoencoder, precision: str, device: torch.device
 ) -> Optimisation:
-    """AdamW (betas 0.9, 0.95) with warmup + cosine, a gradient scaler for fp16, clipping, accumulation."""
-    optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr, betas=(0.9, 0.95))
+    """AdamW (betas 0.9, 0.95) or SGD with warmup + cosine, a gradient scaler for fp16, clipping,
+    accumulation."""
+    groups = param_groups(model, config.weight_decay)
+    optimizer = make_optimizer(config.optimizer, groups, config.lr, betas=(0.9, 0.95))
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
     scheduler = make_scheduler(
         optimizer, lambda s: warmup_cosine(s, config.steps, warmup, config.min_lr_ratio)
