@@ -2,6 +2,8 @@
 
 import pytest
 
+from .triton_support import bf16_dots_in_interpreter  # noqa: F401  (a fixture: registered by import)
+
 
 @pytest.fixture(scope="session")
 def phantom_dataset(tmp_path_factory):

@@ -8,11 +8,7 @@ the half-precision inputs autocast gives them (fp16, bf16).
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -23,6 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from maeformer_fast.ops import bias_table_size, varlen_window_attention, window_groups
 from maeformer_fast.ops import window_attention as wa
 from maeformer_fast.ops.window_groups import as_triple
+
+from .triton_support import DEVICE, needs_triton, run_triton_tests_in_interpreter
 
 
 def packed_groups(lengths, window, num_heads, head_dim, seed, dtype=torch.float32):
@@ -239,42 +237,8 @@ def test_torch_compile_fullgraph():
 # Triton backend under the interpreter
 
 
-# Under the interpreter the flag must be set before triton is first imported (triton.language's own
-# helpers are decorated at import), so on a CPU machine these tests run in a child pytest process that
-# starts with TRITON_INTERPRET=1; on a CUDA machine, or in a run started with the flag, they run here.
-TRITON_HERE = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(
-    not TRITON_HERE, reason="needs CUDA or TRITON_INTERPRET=1; test_triton_kernels_in_interpreter runs it"
-)
-
-
 def test_triton_kernels_in_interpreter():
-    if TRITON_HERE:
-        pytest.skip("the Triton tests run in this process")
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            __file__,
-            "-k",
-            "test_triton_ and not in_interpreter",
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
-    assert " passed" in result.stdout and "skipped" not in result.stdout.splitlines()[-1], result.stdout[
-        -2000:
-    ]
+    run_triton_tests_in_interpreter(__file__)
 
 
 def on_device(case):
@@ -383,34 +347,6 @@ def test_triton_non_contiguous_inputs():
     assert_matches_reference("triton", (*views, coords, cu, table), 3)
 
 
-@pytest.fixture
-def bf16_dots_in_interpreter(monkeypatch):
-    """Let the interpreter compute ``tl.dot`` of bf16 tiles by value, as the GPU does.
-
-    The interpreter keeps bf16 as its uint16 bit pattern and multiplies those integers in ``tl.dot``
-    (triton-lang/triton#11584; bf16 is unsupported there upstream). Widening the operands to fp32
-    before the product is exact, so everything else the kernels do in bf16 (loads, casts of the
-    probabilities, stores) still runs as written. Nothing to do on a GPU.
-    """
-    if DEVICE == "cuda":
-        return
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def widened(handle):
-        if handle.dtype.scalar != tl.bfloat16:
-            return handle
-        return interpreter.TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-
-    def dot_by_value(self, a, b, *rest):
-        return create_dot(self, widened(a), widened(b), *rest)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", dot_by_value)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @needs_triton
 def test_triton_half_precision_within_rounding(dtype, bf16_dots_in_interpreter):
@@ -454,15 +390,13 @@ class HostReads(TorchDispatchMode):
 
 
 @needs_triton
-def test_triton_sparse_mae_step_never_waits_for_the_device(monkeypatch):
-    # The GPU path: Triton attention and padded window groups (the CUDA default, forced here for the
-    # interpreter). A forward + backward of the visible-only MAE then has no op that syncs the host.
+def test_triton_sparse_mae_step_never_waits_for_the_device():
+    # The GPU path: Triton attention and padded window groups (what the plan makes for the Triton
+    # backend). A forward + backward of the visible-only MAE then has no op that syncs the host.
     from maeformer_fast.models import get_config
-    from maeformer_fast.models import tokens as tokens_module
     from maeformer_fast.models.mae import MaskedAutoencoder
     from maeformer_fast.ops.masking import random_unit_mask
 
-    monkeypatch.setattr(tokens_module, "window_groups", functools.partial(window_groups, pad_groups=True))
     config = get_config("small", embed_dim=8, num_heads=(1, 1, 2, 2), attention_backend="triton")
     model = MaskedAutoencoder(config, decoder_dim=16, decoder_depth=1).to(DEVICE)
     crop = (32, 32, 32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.permute import permute_rows
 from ..ops.window_attention import varlen_window_attention
 from ..ops.window_groups import Triple, bias_table_size, official_to_correct_rows
 from .tokens import Tokens
@@ -143,14 +144,14 @@ class TransformerBlock(nn.Module):
     ) -> Tensor:
         """The block's tensor math, (T, C) -> (T, C), given the window grouping of the tokens.
 
-        Kept apart from the grouping (a data-dependent sort, cached per stage in ``Tokens``) so that
+        Kept apart from the grouping (a data-dependent sort, made once per step by the plan) so that
         training can compile it without graph breaks or checkpoint it without redoing the sort.
         ``order``/``inverse`` (T,) sort tokens by window and back, ``coords`` (T, 3) and
         ``cu_seqlens`` (G + 1,) describe the sorted windows, ``batch`` (T,) is each token's sample.
         """
         shortcut = x if skip is None else x + skip
-        normed = self.norm1(x)[order]
-        normed_skip = None if skip is None else self.norm1(skip)[order]
-        attended = self.attn(normed, coords, cu_seqlens, normed_skip)[inverse]
+        normed = permute_rows(self.norm1(x), order, inverse)
+        normed_skip = None if skip is None else permute_rows(self.norm1(skip), order, inverse)
+        attended = permute_rows(self.attn(normed, coords, cu_seqlens, normed_skip), inverse, order)
         x = shortcut + self.drop_path(attended, batch, batch_size)
         return x + self.drop_path(self.mlp(self.norm2(x)), batch, batch_size)

@@ -31,6 +31,7 @@ class NNFormerConfig:
     deep_supervision: bool = True
     official_bias_index: bool = False
     attention_backend: str = "auto"
+    conv_backend: str = "auto"
     crop_size: Triple = (32, 48, 32)
     extra: dict = field(default_factory=dict, compare=False)
 
@@ -51,6 +52,16 @@ class NNFormerConfig:
         """Voxels per token at the last stage, per axis: the MAE mask unit."""
         factor = 2 ** (self.num_stages - 1)
         return tuple(p * factor for p in self.patch_size)  # type: ignore[return-value]
+
+    @property
+    def embedding_strides(self) -> tuple[Triple, Triple]:
+        """Strides of the two strided embedding convs; their product is the patch size.
+
+        The official code halves the patch first (ACDC keeps the depth stride 1 where the patch is 1).
+        """
+        first = tuple(max(p // 2, 1) for p in self.patch_size)
+        second = tuple(p // f for p, f in zip(self.patch_size, first))
+        return first, second  # type: ignore[return-value]
 
     def stage_dim(self, stage: int) -> int:
         return self.embed_dim * 2**stage

@@ -15,6 +15,7 @@ from ..ops.masking import visible_mask_grid
 from ..ops.window_groups import Triple
 from .config import NNFormerConfig
 from .nnformer import NNFormerEncoder, init_weights
+from .plan import EncoderPlan
 from .tokens import Tokens
 
 ENCODER_MODES = ("sparse", "dense")
@@ -115,18 +116,24 @@ class MaskedAutoencoder(nn.Module):
         if self.embed_mask_token is not None:
             nn.init.normal_(self.embed_mask_token, std=0.02)
 
-    def forward_encoder(self, images: Tensor, visible_ids: Tensor) -> Tensor:
+    def plan(self, images: Tensor, visible_ids: Tensor) -> EncoderPlan:
+        """The encoder's per-step plan for this batch and mask (visible-only in sparse mode)."""
+        ids = visible_ids if self.encoder_mode == "sparse" else None
+        return self.encoder.plan(images.shape[0], tuple(images.shape[2:]), images.device, ids)
+
+    def forward_encoder(self, images: Tensor, visible_ids: Tensor, plan: EncoderPlan | None = None) -> Tensor:
         """images (B, C, Z, Y, X), visible_ids (B, K) -> last-stage unit features (B, N, C_last).
 
-        Rows of masked units are zero in sparse mode (never computed).
+        Rows of masked units are zero in sparse mode (never computed). ``plan``: see :meth:`plan`.
         """
-        unit_grid = self.encoder.unit_grid(tuple(images.shape[2:]))
+        plan = self.plan(images, visible_ids) if plan is None else plan
         if self.encoder_mode == "sparse":
-            last = self.encoder.forward_visible(images, visible_ids)[-1]
+            last = self.encoder.forward_visible(images, visible_ids, plan)[-1]
             return last.to_grid().flatten(2).transpose(1, 2)
+        unit_grid = self.encoder.unit_grid(tuple(images.shape[2:]))
         visible = visible_mask_grid(visible_ids, unit_grid)
         voxel_visible = expand_units(visible, self.config.total_stride)[:, None]
-        tokens = self.encoder.patch_embed(Tokens.from_grid(images * voxel_visible))
+        tokens = self.encoder.patch_embed(Tokens.from_grid(images * voxel_visible, plan.input))
         tokens_per_unit = tuple(g // u for g, u in zip(tokens.grid, unit_grid))
         token_visible = expand_units(visible, tokens_per_unit).reshape(-1, 1)  # dense C order, like tokens
         tokens = tokens.with_features(torch.where(token_visible, tokens.features, self.embed_mask_token))
@@ -151,13 +158,16 @@ class MaskedAutoencoder(nn.Module):
         per_unit = (prediction.float() - target.float()).square().mean(-1)
         return (per_unit * masked).sum() / masked.sum().clamp(min=1)
 
-    def forward(self, images: Tensor, visible_ids: Tensor) -> tuple[Tensor, Tensor]:
-        """images (B, C, Z, Y, X), a multiple of the mask unit; visible_ids (B, K).
+    def forward(
+        self, images: Tensor, visible_ids: Tensor, plan: EncoderPlan | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """images (B, C, Z, Y, X), a multiple of the mask unit; visible_ids (B, K); ``plan``: see
+        :meth:`plan` (made here when not given).
 
         Returns (loss, prediction (B, N, prod(unit) * C)).
         """
         unit_grid = self.encoder.unit_grid(tuple(images.shape[2:]))
-        features = self.forward_encoder(images, visible_ids)
+        features = self.forward_encoder(images, visible_ids, plan)
         prediction = self.forward_decoder(features, visible_ids, unit_grid)
         return self.forward_loss(images, prediction, visible_ids), prediction
 

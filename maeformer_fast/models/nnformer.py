@@ -6,40 +6,29 @@ the MAE encoder; the decoder mirrors it with skip attention and transposed-conv 
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.masking import unit_corners
-from ..ops.sparse_conv import unit_block_conv3d
+from ..ops.sparse_conv import sparse_conv3d, unit_block_conv3d
 from ..ops.window_groups import Triple
 from .blocks import TransformerBlock
 from .config import NNFormerConfig, padded_size
-from .tokens import Tokens, UnitLayout
+from .plan import EncoderPlan, plan_encoder
+from .tokens import Tokens, grid_features
 
 
 def conv_tokens(conv: nn.Conv3d, tokens: Tokens) -> Tokens:
-    """Apply a 3x3x3, padding-1 conv to tokens: densely on dense tokens, unit by unit on sparse ones."""
-    if tokens.units is None:
-        if not tokens.dense:
-            raise ValueError("sparse tokens need a unit layout for convolutions")
-        return Tokens.from_grid(conv(tokens.to_grid()))
-    units = tokens.units
-    out = unit_block_conv3d(
-        tokens.features, tokens.coords, tokens.batch, tokens.batch_size, tokens.grid,
-        units.batch, units.starts(), units.size, conv.weight, conv.bias, conv.stride,
-    )  # fmt: skip
-    grid = tuple(-(-g // s) for g, s in zip(tokens.grid, conv.stride))  # ceil: k3, padding 1
-    return Tokens.from_unit_features(out, units.downscaled(conv.stride), grid, tokens.batch_size)
-
-
-def embedding_strides(patch_size: Triple) -> tuple[Triple, Triple]:
-    """Strides of the two strided embedding convs; their product is the patch size.
-
-    The official code halves the patch first (ACDC keeps the depth stride 1 where the patch is 1).
-    """
-    first = tuple(max(p // 2, 1) for p in patch_size)
-    second = tuple(p // f for p, f in zip(patch_size, first))
-    return first, second  # type: ignore[return-value]
+    """Apply a 3x3x3, padding-1 conv to tokens as the layout's plan says: densely on a dense grid, from
+    the neighbour table (Triton) or unit by unit (CPU block form) on visible units."""
+    plan = tokens.layout.conv(conv.stride)
+    if tokens.dense:
+        return Tokens.from_grid(conv(tokens.to_grid()), plan.out)
+    if plan.table is not None:
+        out = sparse_conv3d(tokens.features, plan.table, plan.transposed, conv.weight, conv.bias)
+    else:
+        out = unit_block_conv3d(tokens.features, plan.halo, conv.weight, conv.bias, conv.stride)
+    return Tokens(out, plan.out)
 
 
 class ConvNormAct(nn.Module):
@@ -58,9 +47,9 @@ class ConvNormAct(nn.Module):
 class PatchEmbed(nn.Module):
     """Four 3x3x3 convs (strided, 1, strided, 1) in -> E/2 -> E/2 -> E -> E, then LayerNorm."""
 
-    def __init__(self, in_channels: int, embed_dim: int, patch_size: Triple) -> None:
+    def __init__(self, in_channels: int, embed_dim: int, strides: tuple[Triple, Triple]) -> None:
         super().__init__()
-        first, second = embedding_strides(patch_size)
+        first, second = strides
         half = embed_dim // 2
         self.layers = nn.ModuleList(
             [
@@ -158,7 +147,7 @@ class NNFormerEncoder(nn.Module):
     def __init__(self, config: NNFormerConfig) -> None:
         super().__init__()
         self.config = config
-        self.patch_embed = PatchEmbed(config.in_channels, config.embed_dim, config.patch_size)
+        self.patch_embed = PatchEmbed(config.in_channels, config.embed_dim, config.embedding_strides)
         rates = stage_drop_rates(config)
         self.stages = nn.ModuleList([EncoderStage(config, i, rates[i]) for i in range(config.num_stages)])
 
@@ -169,23 +158,37 @@ class NNFormerEncoder(nn.Module):
             raise ValueError(f"input size {tuple(size)} is not a multiple of the mask unit {stride}")
         return tuple(s // t for s, t in zip(size, stride))  # type: ignore[return-value]
 
-    def forward_tokens(self, x: Tensor) -> list[Tokens]:
-        """x: (B, C_in, Z, Y, X), a multiple of the total stride -> per-stage dense tokens."""
-        return self.forward_stages(self.patch_embed(Tokens.from_grid(x)))
+    def plan(
+        self, batch_size: int, size: Triple, device: torch.device | str, visible_ids: Tensor | None = None
+    ) -> EncoderPlan:
+        """The per-step plan for (B, C_in, *size) inputs (a multiple of the total stride): every
+        stage's layout, window groupings and conv indices; visible-only when ``visible_ids`` is given."""
+        self.unit_grid(size)  # checks the size
+        return plan_encoder(self.config, batch_size, tuple(size), device, visible_ids)
 
-    def forward_visible(self, x: Tensor, visible_ids: Tensor) -> list[Tokens]:
+    def forward_tokens(self, x: Tensor, plan: EncoderPlan | None = None) -> list[Tokens]:
+        """x: (B, C_in, Z, Y, X), a multiple of the total stride -> per-stage tokens of ``plan``'s
+        layouts (dense unless the plan is visible-only; made here when not given)."""
+        plan = self.plan(x.shape[0], tuple(x.shape[2:]), x.device) if plan is None else plan
+        return self.forward_stages(self.patch_embed(Tokens.from_grid(x, plan.input)))
+
+    def forward_visible(
+        self, x: Tensor, visible_ids: Tensor, plan: EncoderPlan | None = None
+    ) -> list[Tokens]:
         """Visible-only encoding for MAE: no layer computes a masked position.
 
         Args:
             x: (B, C_in, Z, Y, X) crops, a multiple of the total stride (masked voxels are never read).
             visible_ids: (B, K) flat indices of the visible mask units (see ``ops.masking``).
+            plan: ``self.plan(B, size, device, visible_ids)`` if already built (e.g. before a timed
+                or captured region); made here otherwise.
 
         Returns:
             Per-stage sparse tokens of the visible units; at the last stage one token per unit.
         """
-        batch, corner = unit_corners(visible_ids, self.unit_grid(tuple(x.shape[2:])))
-        units = UnitLayout(batch, corner, self.config.total_stride)
-        return self.forward_stages(self.patch_embed(Tokens.from_units(x, units)))
+        if plan is None:
+            plan = self.plan(x.shape[0], tuple(x.shape[2:]), x.device, visible_ids)
+        return self.forward_tokens(x, plan)
 
     def forward_stages(self, tokens: Tokens | None) -> list[Tokens]:
         """Embedded tokens -> the normed output tokens of every stage."""
@@ -215,8 +218,8 @@ class DecoderStage(nn.Module):
 
     def forward(self, tokens: Tokens, skip: Tokens) -> Tokens:
         """tokens: the stage below (dense); skip: the encoder output at this stage's resolution."""
-        up = Tokens.from_grid(self.upsample(tokens))
-        x = self.blocks[0](skip.with_features(up.features), skip=skip.features)
+        up = grid_features(self.upsample(tokens))  # same dense C order as the skip's layout
+        x = self.blocks[0](skip.with_features(up), skip=skip.features)
         for block in self.blocks[1:]:
             x = block(x)
         return x

@@ -1,4 +1,5 @@
-"""Packed tokens of one stage: the common currency of the dense model and the sparse MAE encoder."""
+"""Packed tokens of one stage, the common currency of the dense model and the sparse MAE encoder, and
+their layout: positions plus the window groupings and conv indices that the step's plan builds once."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from ..ops.window_groups import Triple, as_triple, window_groups
 class WindowGrouping:
     """Tokens sorted by attention window.
 
-    ``order`` (T,) sorts tokens by group, ``inverse`` (T,) undoes it, ``cu_seqlens`` (G + 1,) gives
-    group offsets and ``coords`` (T, 3) are the sorted token positions the bias is computed from.
+    ``order`` (T,) sorts tokens by group, ``inverse`` (T,) undoes it, ``cu_seqlens`` (G + 1,) int32 gives
+    group offsets and ``coords`` (T, 3) int32 are the sorted token positions the bias is computed from.
     """
 
     order: Tensor
@@ -67,64 +68,123 @@ class UnitLayout:
         return coords, self.batch.repeat_interleave(local.shape[0])
 
 
-@dataclass
-class Tokens:
-    """Tokens of one stage for a batch of volumes.
+@dataclass(eq=False)
+class ConvPlan:
+    """What a 3x3x3 conv with one stride needs on one layout; built with the step's plan.
 
-    Attributes:
-        features: (T, C) token features.
-        coords: (T, 3) int64 positions in the stage grid (z, y, x).
-        batch: (T,) int64 batch index.
-        grid: the stage grid size (Z, Y, X) the positions live in.
-        batch_size: number of volumes B.
-        dense: True when every grid position of every volume is present, in (b, z, y, x) C order;
-            then ``features`` is a view of a (B, Z, Y, X, C) tensor.
-        units: for the sparse MAE encoder, the visible mask units; tokens are then stored unit by
-            unit, C order inside a unit.
+    ``out`` is the layout of the outputs (the input layout itself for stride 1). Sparse layouts carry
+    one of the two index forms of ``ops.sparse_conv``: ``table`` (T_out, 27) with its ``transposed``
+    (T_in, 27) for the Triton kernels, or ``halo`` (N, Lz, Ly, Lx) for the CPU block form. Dense
+    layouts carry neither (cuDNN / oneDNN convolve the grid).
     """
 
-    features: Tensor
+    out: Layout
+    table: Tensor | None = None
+    transposed: Tensor | None = None
+    halo: Tensor | None = None
+
+
+@dataclass(eq=False)
+class Layout:
+    """Where one stage's tokens are, and the index structures its layers read, made once per step.
+
+    Attributes:
+        coords: (T, 3) int64 positions in the stage grid (z, y, x).
+        batch: (T,) int64 batch index.
+        grid: the stage grid size (Z, Y, X).
+        batch_size: number of volumes B.
+        units: the visible mask units for the sparse MAE encoder (tokens stored unit by unit, C order
+            inside a unit), or None for a dense grid in (b, z, y, x) C order.
+        groupings: window groupings by (window in effect, shift), filled by the plan.
+        convs: conv plans by stride, filled by the plan.
+    """
+
     coords: Tensor
     batch: Tensor
     grid: Triple
     batch_size: int
-    dense: bool
     units: UnitLayout | None = None
-    _groupings: dict = field(default_factory=dict, repr=False)
+    groupings: dict[tuple[Triple, Triple], WindowGrouping] = field(default_factory=dict)
+    convs: dict[Triple, ConvPlan] = field(default_factory=dict)
+
+    @property
+    def dense(self) -> bool:
+        return self.units is None
 
     @classmethod
-    def from_grid(cls, x: Tensor) -> Tokens:
-        """Dense tokens from a (B, C, Z, Y, X) feature map."""
-        b, c, z, y, xx = x.shape
-        features = x.permute(0, 2, 3, 4, 1).reshape(-1, c)
-        coords, batch = dense_positions(b, (z, y, xx), x.device)
-        return cls(features, coords, batch, (z, y, xx), b, dense=True)
+    def dense_grid(cls, batch_size: int, grid: Triple, device: torch.device) -> Layout:
+        """Every position of a (B, Z, Y, X) grid, C order."""
+        coords, batch = dense_positions(batch_size, tuple(grid), device)
+        return cls(coords, batch, tuple(grid), batch_size)
 
     @classmethod
-    def from_units(cls, x: Tensor, units: UnitLayout) -> Tokens:
-        """Sparse tokens: the positions of the visible ``units`` read from a (B, C, Z, Y, X) map."""
+    def of_units(cls, units: UnitLayout, grid: Triple, batch_size: int) -> Layout:
+        """The tokens of the visible ``units`` on a stage ``grid``."""
         coords, batch = units.token_positions()
-        features = x[batch, :, coords[:, 0], coords[:, 1], coords[:, 2]]  # [T, C]
-        return cls(features, coords, batch, tuple(x.shape[2:]), x.shape[0], dense=False, units=units)
+        return cls(coords, batch, tuple(grid), batch_size, units)
+
+    def plan_windows(self, window: Triple, pad_groups: bool | None) -> None:
+        """Group the tokens for ``window``, plain and shifted (what a stage's blocks use)."""
+        for shifted in (False, True):
+            key = stage_window(self.grid, as_triple(window), shifted)
+            if key not in self.groupings:
+                self.groupings[key] = self._group(*key, pad_groups)
+
+    def grouping(self, window: Triple, shifted: bool) -> tuple[WindowGrouping, Triple]:
+        """The grouping for a (possibly shifted) window and the window size in effect.
+
+        A window the plan did not group for is grouped now and not kept (a sort each call: the
+        reference code of the tests does this; the models only ask for planned windows).
+        """
+        key = stage_window(self.grid, as_triple(window), shifted)
+        grouping = self.groupings.get(key)
+        return (self._group(*key, None) if grouping is None else grouping), key[0]
+
+    def conv(self, stride: Triple) -> ConvPlan:
+        """The plan of a conv with ``stride`` reading this layout."""
+        if stride not in self.convs:
+            raise KeyError(f"no conv with stride {stride} planned on the {self.grid} grid")
+        return self.convs[stride]
+
+    def _group(self, size: Triple, shift: Triple, pad_groups: bool | None) -> WindowGrouping:
+        order, cu_seqlens = window_groups(self.coords, self.batch, size, shift, pad_groups)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=order.device)
+        # int32 once here: the Triton kernels read int32 and would otherwise cast in every call.
+        return WindowGrouping(order, inverse, cu_seqlens, self.coords[order].to(torch.int32))
+
+
+@dataclass
+class Tokens:
+    """Token features of one stage for a batch of volumes, and their ``layout``.
+
+    ``features`` is (T, C); for a dense layout it is a view of a (B, Z, Y, X, C) tensor.
+    """
+
+    features: Tensor
+    layout: Layout
 
     @classmethod
-    def from_unit_features(cls, features: Tensor, units: UnitLayout, grid: Triple, batch_size: int) -> Tokens:
-        """Sparse tokens from features (N*prod(units.size), C) stored unit by unit."""
-        coords, batch = units.token_positions()
-        return cls(features, coords, batch, grid, batch_size, dense=False, units=units)
+    def from_grid(cls, x: Tensor, layout: Layout | None = None) -> Tokens:
+        """Tokens from a (B, C, Z, Y, X) map: every position (``layout`` dense, or made here), or the
+        positions of a sparse ``layout``."""
+        if layout is None:
+            layout = Layout.dense_grid(x.shape[0], tuple(x.shape[2:]), x.device)
+        if layout.dense:
+            return cls(grid_features(x), layout)
+        coords = layout.coords
+        return cls(x[layout.batch, :, coords[:, 0], coords[:, 1], coords[:, 2]], layout)  # [T, C]
+
+    coords = property(lambda self: self.layout.coords)
+    batch = property(lambda self: self.layout.batch)
+    grid = property(lambda self: self.layout.grid)
+    batch_size = property(lambda self: self.layout.batch_size)
+    dense = property(lambda self: self.layout.dense)
+    units = property(lambda self: self.layout.units)
 
     def with_features(self, features: Tensor) -> Tokens:
-        """Same positions (and cached groupings), new features (T, C')."""
-        return Tokens(
-            features,
-            self.coords,
-            self.batch,
-            self.grid,
-            self.batch_size,
-            self.dense,
-            self.units,
-            self._groupings,
-        )
+        """Same layout, new features (T, C')."""
+        return Tokens(features, self.layout)
 
     def to_grid(self) -> Tensor:
         """(B, C, Z, Y, X) feature map; absent positions are zero."""
@@ -138,18 +198,13 @@ class Tokens:
         return grid.permute(0, 4, 1, 2, 3)
 
     def grouping(self, window: Triple, shifted: bool) -> tuple[WindowGrouping, Triple]:
-        """Window grouping for a (possibly shifted) window on this stage's grid, cached per window.
+        """See :meth:`Layout.grouping`."""
+        return self.layout.grouping(window, shifted)
 
-        Returns the grouping and the window size in effect (smaller than ``window`` where the grid is).
-        """
-        size, shift = stage_window(self.grid, as_triple(window), shifted)
-        key = (size, shift)
-        if key not in self._groupings:
-            order, cu_seqlens = window_groups(self.coords, self.batch, size, shift)
-            inverse = torch.empty_like(order)
-            inverse[order] = torch.arange(order.numel(), device=order.device)
-            self._groupings[key] = WindowGrouping(order, inverse, cu_seqlens, self.coords[order])
-        return self._groupings[key], size
+
+def grid_features(x: Tensor) -> Tensor:
+    """(B, C, Z, Y, X) -> (B*Z*Y*X, C) features in dense C order."""
+    return x.permute(0, 2, 3, 4, 1).reshape(-1, x.shape[1])
 
 
 @functools.lru_cache(maxsize=64)

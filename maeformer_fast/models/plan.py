@@ -1,0 +1,101 @@
+"""The per-step plan of an encoder pass: every stage's layout, window groupings and conv indices.
+
+Built once when a step starts, from the batch size, the input size and (for the visible-only MAE
+encoder) the visible unit ids; then passed down explicitly with the tokens (``Tokens.layout``), so
+every block and conv of a stage shares one grouping and one neighbour table, and nothing in the
+forward or backward pass sorts or builds an index again. The dense model gets the same object with
+every position present, so dense fine-tuning and sparse pretraining keep one code path.
+
+Nothing here scales with the dense volume on the sparse path: positions and tables are computed per
+visible unit by integer arithmetic (``ops.sparse_conv.unit_neighbour_rows``), with a lookup over the
+unit grid (one entry per mask unit) instead of the token grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..ops.masking import unit_corners
+from ..ops.sparse_conv import halo_index, neighbour_table, resolve_conv_backend, transposed_table, unit_lookup
+from ..ops.window_groups import Triple
+from .config import NNFormerConfig
+from .tokens import ConvPlan, Layout, UnitLayout
+
+UNIT_STRIDE = (1, 1, 1)
+
+
+@dataclass(eq=False)
+class EncoderPlan:
+    """Layouts of one encoder pass: ``input`` (the voxels the embedding reads) and one per stage."""
+
+    input: Layout
+    stages: list[Layout]
+
+
+def plan_encoder(
+    config: NNFormerConfig,
+    batch_size: int,
+    size: Triple,
+    device: torch.device | str,
+    visible_ids: Tensor | None = None,
+) -> EncoderPlan:
+    """Plan an encoder pass over (B, C, *size) inputs, a multiple of the total stride.
+
+    Args:
+        visible_ids: (B, K) flat visible unit ids (``ops.masking``) for the visible-only encoder, or
+            None for the dense encoder.
+    """
+    device = torch.device(device)
+    unit_grid = tuple(s // t for s, t in zip(size, config.total_stride))
+    if visible_ids is None:
+        layout = Layout.dense_grid(batch_size, size, device)
+        lookup = None
+    else:
+        batch, corner = unit_corners(visible_ids, unit_grid)
+        layout = Layout.of_units(UnitLayout(batch, corner, config.total_stride), size, batch_size)
+        lookup = unit_lookup(batch, corner, batch_size, unit_grid)
+    # Padded window offsets wherever the Triton kernels run (no host sync on CUDA); exact elsewhere.
+    pad_groups = True if config.attention_backend == "triton" else None
+    backend = resolve_conv_backend(config.conv_backend, device)
+    first, second = config.embedding_strides
+    plan = EncoderPlan(layout, [])
+    for stride in (first, UNIT_STRIDE, second, UNIT_STRIDE):
+        layout = _plan_conv(layout, stride, lookup, backend)
+    for stage in range(config.num_stages):
+        if stage > 0:
+            layout = _plan_conv(layout, (2, 2, 2), lookup, backend)
+        layout.plan_windows(config.window_sizes[stage], pad_groups)
+        plan.stages.append(layout)
+    return plan
+
+
+def _plan_conv(layout: Layout, stride: Triple, lookup: Tensor | None, backend: str) -> Layout:
+    """Add the plan of a 3x3x3 conv with ``stride`` on ``layout``; returns the output layout."""
+    if stride in layout.convs:
+        return layout.convs[stride].out
+    grid = tuple(-(-g // s) for g, s in zip(layout.grid, stride))  # ceil: kernel 3, padding 1
+    units = layout.units
+    if units is None:
+        out = (
+            layout
+            if stride == UNIT_STRIDE
+            else Layout.dense_grid(layout.batch_size, grid, layout.coords.device)
+        )
+        layout.convs[stride] = ConvPlan(out)
+        return out
+    out = (
+        layout
+        if stride == UNIT_STRIDE
+        else Layout.of_units(units.downscaled(stride), grid, layout.batch_size)
+    )
+    num_inputs = layout.coords.shape[0]
+    if backend == "triton":
+        table = neighbour_table(units.batch, units.corner, lookup, units.size, stride)
+        layout.convs[stride] = ConvPlan(out, table=table, transposed=transposed_table(table, num_inputs))
+    else:
+        halo = halo_index(units.batch, units.corner, lookup, units.size, stride, num_inputs)
+        layout.convs[stride] = ConvPlan(out, halo=halo)
+    return out
