@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# One device call that checks the Triton kernels against the reference on the GPU and runs the GPU
-# benchmarks, about 7 minutes in all, every result under $OUT (logs, JSON, and training.md: the
-# training run as a section ready for benchmarks/RESULTS.md).
+# One device call of under 6 minutes: the Triton kernel tests on the GPU (attention, sparse conv, the
+# sparse encoder against the masked dense reference, the op-count test), the per-layer time of the
+# sparse convs against the dense conv (Synapse, batch 2 and 8), and the MAE step times sparse vs dense
+# with profiles (small b4/b32, Synapse b2/b8, bf16). Every result under $OUT (logs, JSON, profiles).
+# The other GPU scripts (gpu_window_attention.py, gpu_training.py) run on their own when there is time.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on a CUDA machine, from the repository root
 #
@@ -21,7 +23,8 @@ part() {  # part NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >"$out/gpu.csv" 2>&1
-part kernel_tests 90 python -m pytest -q -p no:cacheprovider tests/test_window_attention.py -k "triton"
-part window_attention 130 python benchmarks/gpu_window_attention.py --out "$out" --budget-s 100
-part training 180 python benchmarks/gpu_training.py --out "$out" --budget-s 150
-part profile 60 python benchmarks/gpu_profile_pretrain.py --out "$out"
+part kernel_tests 110 python -m pytest -q -p no:cacheprovider tests/test_sparse_conv.py tests/test_sparse_encoder.py \
+    tests/test_window_attention.py -k "triton and not in_interpreter"
+part sparse_conv_b2 45 python benchmarks/sparse_conv_layers.py --model synapse --batch-size 2 --device cuda --out "$out"
+part sparse_conv_b8 55 python benchmarks/sparse_conv_layers.py --model synapse --batch-size 8 --device cuda --out "$out"
+part profile 130 python benchmarks/gpu_profile_pretrain.py --out "$out"
