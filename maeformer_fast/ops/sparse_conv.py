@@ -11,13 +11,15 @@ per-step plan builds once (:func:`unit_neighbour_rows` does the arithmetic, with
   table, the weight gradient as split gathered GEMMs; no halo is materialised, nothing scatters into
   a shared row, nothing sorts. The CUDA path.
 - ``halo_index`` (N, Lz, Ly, Lx): each visible unit's input block plus a one-token halo. The block is
-  gathered with ``F.embedding`` (its backward skips the padding row, where ``rows[index]`` would
-  accumulate every zero neighbour into one row) and convolved densely with padding 0. On CPU this
+  gathered (on CUDA with ``F.embedding``, whose backward skips the padding row, where ``rows[index]``
+  would accumulate every zero neighbour into one row) and convolved densely with padding 0. On CPU this
   measured 3-5x faster than the dense masked conv for 8x8x8-token units at 25% visible (brief,
   section 3), and faster than gathering 27 neighbours per token. The CPU path.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -153,7 +155,11 @@ def unit_block_conv3d(
         (N * prod(unit outputs), C_out), unit by unit, C order inside a unit.
     """
     rows = torch.cat([features, features.new_zeros(1, features.shape[1])])  # [T + 1, C], last row zero
-    blocks = F.embedding(halo, rows, padding_idx=features.shape[0])  # [N, Lz, Ly, Lx, C]
+    # CUDA's index backward sorts and walks the many reads of the zero row serially; the embedding's
+    # backward skips its padding row. On the CPU the plain gather measured 10-15% faster on the
+    # first-stage layers (benchmarks/RESULTS.md).
+    embed = functools.partial(F.embedding, padding_idx=features.shape[0])
+    blocks = embed(halo, rows) if features.is_cuda else rows[halo]  # [N, Lz, Ly, Lx, C]
     out = F.conv3d(blocks.permute(0, 4, 1, 2, 3), weight, bias, stride=stride)  # [N, C_out, nz, ny, nx]
     return out.permute(0, 2, 3, 4, 1).reshape(-1, weight.shape[0])
 

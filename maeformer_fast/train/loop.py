@@ -285,7 +285,7 @@ def _checkpointed(function: Callable[..., torch.Tensor]) -> Callable[..., torch.
     """``function`` under activation checkpointing: its activations are recomputed in backward.
 
     Non-reentrant checkpointing restores the RNG state, so stochastic depth drops the same samples in
-    the recomputation; the window grouping is an input (computed once, cached in ``Tokens``), so the
+    the recomputation; the window grouping is an input (computed once per step by the plan), so the
     recomputation never redoes the sort.
     """
 
