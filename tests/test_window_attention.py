@@ -122,13 +122,17 @@ def test_torch_full_windows_shared_and_shuffled():
 
 
 def test_torch_bf16_close_to_reference():
+    """Mutation caught: the logit scale 2% too large (error 4.9e-2 = 2.7 steps, which the former
+    atol = rtol = 5e-2 let pass)."""
     case = packed_groups([10, 1, 64, 0, 33], (4, 4, 4), 2, 32, seed=4, dtype=torch.bfloat16)
     out = varlen_window_attention(*case, (4, 4, 4), backend="torch")
     ref = varlen_window_attention(
         *[t.float() if t.is_floating_point() else t for t in case], (4, 4, 4), backend="reference"
     )
     assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref, atol=5e-2, rtol=5e-2)
+    # Within one bf16 rounding step of the largest value (eps x max|ref|; measured 0.32 steps).
+    step = torch.finfo(torch.bfloat16).eps * ref.abs().max().item()
+    assert (out.float() - ref).abs().max().item() <= step
 
 
 def test_no_tokens_and_only_empty_groups():
@@ -269,8 +273,14 @@ def test_triton_matches_reference_shifted_partial(grid, window, shift):
     assert_matches_reference("triton", case, window)
 
 
-@needs_triton
-def test_triton_bias_grad_is_deterministic():
+@pytest.mark.skipif(
+    DEVICE != "cuda",
+    reason="the interpreter runs one program at a time: run-to-run order "
+    "cannot vary there, so this can only fail on a GPU (benchmarks/gpu_check.sh runs it)",
+)
+def test_gpu_triton_bias_grad_is_deterministic():
+    """Bit-identical outputs and gradients run to run on a GPU, where programs race. Mutation caught (on
+    a GPU only): the partial bias tables summed with atomics in scheduling order."""
     case = on_device(packed_groups([20, 3, 64, 0, 9], (4, 4, 4), 2, 16, seed=3))
     first = forward_and_grads("triton", *case, (4, 4, 4))
     second = forward_and_grads("triton", *case, (4, 4, 4))
