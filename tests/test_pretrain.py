@@ -139,3 +139,17 @@ def test_run_folders_are_never_silently_reused_or_misread(phantom_cache, tmp_pat
 def test_settings_no_run_can_use_are_refused(phantom_cache, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         pretrain(config(phantom_cache, tmp_path / "run", **overrides))
+
+
+@pytest.mark.parametrize("encoder", ["sparse", "dense"])
+def test_pretraining_runs_on_the_acdc_layout(phantom_cache, tmp_path, encoder):
+    """MAE pretraining on the published acdc layout (anisotropic mask unit (4, 32, 32), a (1, 3, 3)
+    kernel and an odd-phase downsampling; reduced width) takes its steps and writes an encoder that
+    ``load_encoder`` reads back. Catches a plan with the default (2, 2, 2) downsampling strides
+    (tried: ``(2, 2, 2)`` in ``plan_encoder``: no even unit size left for the odd-phase conv)."""
+    narrow = {"embed_dim": 8, "num_heads": (1, 1, 2, 2)}
+    settings = config(phantom_cache, tmp_path / encoder, model="acdc", encoder=encoder, steps=2, log_every=1,
+                      crop_size=(8, 32, 32), model_overrides=narrow)  # fmt: skip
+    result = pretrain(settings)
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    assert load_encoder(result.encoder_path).config.down_strides == ((1, 2, 2), (2, 2, 2), (2, 2, 2))

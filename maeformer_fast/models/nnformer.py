@@ -13,22 +13,54 @@ from torch import Tensor, nn
 from ..ops.sparse_conv import sparse_conv3d, unit_block_conv3d
 from ..ops.window_groups import Triple
 from .blocks import TransformerBlock
-from .config import NNFormerConfig, padded_size
+from .config import NNFormerConfig
 from .plan import EncoderPlan, plan_encoder
 from .tokens import Tokens, grid_features
 
 
-def conv_tokens(conv: nn.Conv3d, tokens: Tokens) -> Tokens:
-    """Apply a 3x3x3, padding-1 conv to tokens as the layout's plan says: densely on a dense grid, from
-    the neighbour table (Triton) or unit by unit (CPU block form) on visible units."""
+class TokenConv3d(nn.Conv3d):
+    """A Conv3d with, per axis, kernel 1 (stride 1, padding 0), or kernel 3 and padding 1, or kernel 3,
+    stride 2 and padding 0 (an "odd-phase" axis: the taps of output i sit on inputs 2i .. 2i+2).
+
+    On a dense grid it pads odd-phase axes by one zero slice at the far end, so that any length L
+    gives floor(L / 2) outputs (the official count for odd L, unit-aligned for even L). The sparse
+    ops only run 3x3x3 padding-1 kernels: ``sparse_weight`` zero-pads kernel-1 axes to 3 taps, and an
+    odd-phase axis is the padding-1 conv at stride 1 (``sparse_stride``) read at odd positions.
+    """
+
+    @property
+    def odd_phase(self) -> tuple[bool, bool, bool]:
+        return tuple(k == 3 and p == 0 for k, p in zip(self.kernel_size, self.padding))  # type: ignore[return-value]
+
+    @property
+    def sparse_stride(self) -> Triple:
+        return tuple(1 if odd else s for odd, s in zip(self.odd_phase, self.stride))  # type: ignore[return-value]
+
+    def sparse_weight(self) -> Tensor:
+        """(C_out, C_in, 3, 3, 3): the weight with kernel-1 axes zero-padded to three taps."""
+        pads = [t for k in reversed(self.kernel_size) for t in ((3 - k) // 2,) * 2]
+        return F.pad(self.weight, pads) if any(pads) else self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, Z, Y, X) -> (B, C_out, Z', Y', X')."""
+        if any(self.odd_phase):
+            x = F.pad(x, [t for odd in reversed(self.odd_phase) for t in (0, int(odd))])
+        return super().forward(x)
+
+
+def conv_tokens(conv: TokenConv3d, tokens: Tokens) -> Tokens:
+    """Apply a conv to tokens as the layout's plan says: densely on a dense grid, from the neighbour
+    table (Triton) or unit by unit (CPU block form) on visible units, keeping the odd positions of
+    odd-phase axes (see :class:`TokenConv3d`)."""
     plan = tokens.layout.conv(conv.stride)
     if tokens.dense:
         return Tokens.from_grid(conv(tokens.to_grid()), plan.out)
+    weight = conv.sparse_weight()
     if plan.table is not None:
-        out = sparse_conv3d(tokens.features, plan.table, plan.transposed, conv.weight, conv.bias)
+        out = sparse_conv3d(tokens.features, plan.table, plan.transposed, weight, conv.bias)
     else:
-        out = unit_block_conv3d(tokens.features, plan.halo, conv.weight, conv.bias, conv.stride)
-    return Tokens(out, plan.out)
+        out = unit_block_conv3d(tokens.features, plan.halo, weight, conv.bias, conv.sparse_stride)
+    return Tokens(out if plan.keep is None else out[plan.keep], plan.out)
 
 
 class ConvNormAct(nn.Module):
@@ -36,7 +68,7 @@ class ConvNormAct(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, stride: Triple, activate: bool) -> None:
         super().__init__()
-        self.conv = nn.Conv3d(in_dim, out_dim, kernel_size=3, stride=stride, padding=1)
+        self.conv = TokenConv3d(in_dim, out_dim, kernel_size=3, stride=stride, padding=1)
         self.norm = nn.LayerNorm(out_dim) if activate else None
 
     def forward(self, tokens: Tokens) -> Tokens:
@@ -69,45 +101,48 @@ class PatchEmbed(nn.Module):
 
 
 class Downsample(nn.Module):
-    """GELU -> LayerNorm -> Conv3d(C -> 2C, k3, s2, p1)."""
+    """GELU -> LayerNorm -> Conv3d(C -> 2C), kernel 3, stride 2, padding 1 unless the config says
+    otherwise (ACDC: see :class:`TokenConv3d`)."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, kernel: Triple, stride: Triple, padding: Triple) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.reduction = nn.Conv3d(dim, 2 * dim, kernel_size=3, stride=2, padding=1)
+        self.reduction = TokenConv3d(dim, 2 * dim, kernel_size=kernel, stride=stride, padding=padding)
 
     def forward(self, tokens: Tokens) -> Tokens:
         return conv_tokens(self.reduction, tokens.with_features(self.norm(F.gelu(tokens.features))))
 
 
 class Upsample(nn.Module):
-    """LayerNorm -> ConvTranspose3d(2C -> C, k2, s2)."""
+    """LayerNorm -> ConvTranspose3d(2C -> C, kernel = stride = the downsampling's stride), with
+    output padding 1 on the downsampling's odd-phase axes; cropped to the skip's grid."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, stride: Triple, output_padding: Triple) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(2 * dim)
-        self.up = nn.ConvTranspose3d(2 * dim, dim, kernel_size=2, stride=2)
+        self.up = nn.ConvTranspose3d(2 * dim, dim, stride, stride, output_padding=output_padding)
 
-    def forward(self, tokens: Tokens) -> Tensor:
-        """Dense tokens (B*Z*Y*X, 2C) -> (B, C, 2Z, 2Y, 2X)."""
-        return self.up(tokens.with_features(self.norm(tokens.features)).to_grid())
+    def forward(self, tokens: Tokens, grid: Triple) -> Tensor:
+        """Dense tokens (B*Z*Y*X, 2C) -> (B, C, *grid), ``grid`` the skip's (at most the output)."""
+        up = self.up(tokens.with_features(self.norm(tokens.features)).to_grid())
+        return up[:, :, : grid[0], : grid[1], : grid[2]]
 
 
-def make_blocks(
-    config: NNFormerConfig, stage: int, drop_rates: list[float], skip_attention_first: bool
-) -> nn.ModuleList:
-    """The blocks of one stage: even blocks plain windows, odd blocks shifted by half a window."""
+def make_blocks(config: NNFormerConfig, stage: int, drop_rates: list[float], decoder: bool) -> nn.ModuleList:
+    """The blocks of one stage: even blocks plain windows, odd blocks shifted by half a window; a
+    decoder stage's first block is skip attention."""
     return nn.ModuleList(
         [
             TransformerBlock(
                 dim=config.stage_dim(stage),
-                num_heads=config.num_heads[stage],
+                num_heads=config.decoder_num_heads[stage] if decoder else config.num_heads[stage],
                 window_size=config.window_sizes[stage],
                 shifted=i % 2 == 1,
                 mlp_ratio=config.mlp_ratio,
                 drop_path=drop_rates[i],
-                skip_attention=skip_attention_first and i == 0,
+                skip_attention=decoder and i == 0,
                 official_bias_index=config.official_bias_index,
+                cyclic=config.cyclic_windows,
                 backend=config.attention_backend,
             )
             for i in range(config.depths[stage])
@@ -129,9 +164,16 @@ class EncoderStage(nn.Module):
     def __init__(self, config: NNFormerConfig, stage: int, drop_rates: list[float]) -> None:
         super().__init__()
         dim = config.stage_dim(stage)
-        self.blocks = make_blocks(config, stage, drop_rates, skip_attention_first=False)
+        self.blocks = make_blocks(config, stage, drop_rates, decoder=False)
         self.norm = nn.LayerNorm(dim)
-        self.downsample = Downsample(dim) if stage < config.num_stages - 1 else None
+        self.downsample = None
+        if stage < config.num_stages - 1:
+            self.downsample = Downsample(
+                dim,
+                config.downsampling_kernels[stage],
+                config.downsampling_strides[stage],
+                config.downsampling_paddings[stage],
+            )
 
     def forward(self, tokens: Tokens) -> tuple[Tokens, Tokens | None]:
         """Returns (normed stage output, input of the next stage or None at the last stage)."""
@@ -161,14 +203,16 @@ class NNFormerEncoder(nn.Module):
     def plan(
         self, batch_size: int, size: Triple, device: torch.device | str, visible_ids: Tensor | None = None
     ) -> EncoderPlan:
-        """The per-step plan for (B, C_in, *size) inputs (a multiple of the total stride): every
-        stage's layout, window groupings and conv indices; visible-only when ``visible_ids`` is given."""
-        self.unit_grid(size)  # checks the size
+        """The per-step plan for (B, C_in, *size) inputs: every stage's layout, window groupings and
+        conv indices; visible-only when ``visible_ids`` is given (then ``size`` must be a multiple of
+        the total stride)."""
+        if visible_ids is not None:
+            self.unit_grid(size)  # checks the size
         return plan_encoder(self.config, batch_size, tuple(size), device, visible_ids)
 
     def forward_tokens(self, x: Tensor, plan: EncoderPlan | None = None) -> list[Tokens]:
-        """x: (B, C_in, Z, Y, X), a multiple of the total stride -> per-stage tokens of ``plan``'s
-        layouts (dense unless the plan is visible-only; made here when not given)."""
+        """x: (B, C_in, Z, Y, X) -> per-stage tokens of ``plan``'s layouts (dense unless the plan is
+        visible-only; made here when not given)."""
         plan = self.plan(x.shape[0], tuple(x.shape[2:]), x.device) if plan is None else plan
         return self.forward_stages(self.patch_embed(Tokens.from_grid(x, plan.input)))
 
@@ -201,10 +245,9 @@ class NNFormerEncoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: (B, C_in, Z, Y, X) -> [(B, E * 2^i, Z_i, Y_i, X_i) for each stage i].
 
-        Inputs that are not a multiple of the total stride are zero-padded at the far end; the
-        features then cover the padded volume.
+        Every strided layer rounds its grid up (ceil(Z / s)), as the official network does; odd-phase
+        axes round down (see :class:`TokenConv3d`).
         """
-        x = pad_to_multiple(x, self.config.total_stride)
         return [t.to_grid() for t in self.forward_tokens(x)]
 
 
@@ -213,12 +256,14 @@ class DecoderStage(nn.Module):
 
     def __init__(self, config: NNFormerConfig, stage: int, drop_rates: list[float]) -> None:
         super().__init__()
-        self.upsample = Upsample(config.stage_dim(stage))
-        self.blocks = make_blocks(config, stage, drop_rates, skip_attention_first=True)
+        kernel, padding = config.downsampling_kernels[stage], config.downsampling_paddings[stage]
+        output_padding = tuple(k // 2 - p for k, p in zip(kernel, padding))  # 1 on odd-phase axes
+        self.upsample = Upsample(config.stage_dim(stage), config.downsampling_strides[stage], output_padding)
+        self.blocks = make_blocks(config, stage, drop_rates, decoder=True)
 
     def forward(self, tokens: Tokens, skip: Tokens) -> Tokens:
         """tokens: the stage below (dense); skip: the encoder output at this stage's resolution."""
-        up = grid_features(self.upsample(tokens))  # same dense C order as the skip's layout
+        up = grid_features(self.upsample(tokens, skip.grid))  # same dense C order as the skip's layout
         x = self.blocks[0](skip.with_features(up), skip=skip.features)
         for block in self.blocks[1:]:
             x = block(x)
@@ -228,9 +273,10 @@ class DecoderStage(nn.Module):
 class NNFormer(nn.Module):
     """nnFormer segmentation network.
 
-    ``forward`` takes (B, C_in, Z, Y, X) of any size (padded internally to a multiple of the total
-    stride, output cropped back) and returns logits (B, classes, Z, Y, X); in training mode with deep
-    supervision it returns a list [full, 1/2, 1/4 resolution], the lower ones of size ceil(size / 2^i).
+    ``forward`` takes (B, C_in, Z, Y, X) of any size (strided layers round up, the decoder crops
+    back, as the official network does) and returns logits (B, classes, Z, Y, X); in training mode
+    with deep supervision it returns a list [full, 1/2, 1/4 resolution], the lower ones of size
+    ceil(size / s_i), s_i the downsampling stride from stage 0 to stage i.
     """
 
     def __init__(self, config: NNFormerConfig) -> None:
@@ -254,7 +300,7 @@ class NNFormer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
         size = x.shape[2:]
-        features = self.encoder.forward_tokens(pad_to_multiple(x, self.config.total_stride))
+        features = self.encoder.forward_tokens(x)
         tokens = features[-1]
         decoded = []
         for stage in self.decoder:
@@ -262,21 +308,14 @@ class NNFormer(nn.Module):
             decoded.append(tokens)
         decoded = decoded[::-1]  # full resolution first
         outputs = []
+        patch = self.config.patch_size
         for level, (head, d) in enumerate(zip(self.heads, decoded)):
-            crop = [-(-s // 2**level) for s in size]  # ceil(size / 2^level): the input's extent there
+            stride = [s // p for s, p in zip(self.config.stage_stride(level), patch)]
+            crop = [-(-s // t) for s, t in zip(size, stride)]  # ceil(size / s_level): the input's extent
             outputs.append(head(d.to_grid())[:, :, : crop[0], : crop[1], : crop[2]])
             if not (self.training and self.config.deep_supervision):
                 break
         return outputs if len(outputs) > 1 else outputs[0]
-
-
-def pad_to_multiple(x: Tensor, multiple: Triple) -> Tensor:
-    """Zero-pad (B, C, Z, Y, X) at the far end of each axis to a multiple of ``multiple``."""
-    target = padded_size(tuple(x.shape[2:]), multiple)
-    pads = [t - s for t, s in zip(target, x.shape[2:])]
-    if not any(pads):
-        return x
-    return F.pad(x, (0, pads[2], 0, pads[1], 0, pads[0]))
 
 
 def init_weights(module: nn.Module) -> None:

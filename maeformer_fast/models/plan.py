@@ -13,6 +13,7 @@ unit grid (one entry per mask unit) instead of the token grid.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,17 +67,29 @@ def plan_encoder(
         layout = _plan_conv(layout, stride, lookup, backend)
     for stage in range(config.num_stages):
         if stage > 0:
-            layout = _plan_conv(layout, (2, 2, 2), lookup, backend)
+            stride = config.downsampling_strides[stage - 1]
+            kernel, padding = config.downsampling_kernels[stage - 1], config.downsampling_paddings[stage - 1]
+            odd_phase = tuple(k == 3 and p == 0 for k, p in zip(kernel, padding))
+            layout = _plan_conv(layout, stride, lookup, backend, odd_phase)  # type: ignore[arg-type]
         layout.plan_windows(config.window_sizes[stage], pad_groups)
         plan.stages.append(layout)
     return plan
 
 
-def _plan_conv(layout: Layout, stride: Triple, lookup: Tensor | None, backend: str) -> Layout:
-    """Add the plan of a 3x3x3 conv with ``stride`` on ``layout``; returns the output layout."""
+def _plan_conv(
+    layout: Layout,
+    stride: Triple,
+    lookup: Tensor | None,
+    backend: str,
+    odd_phase: tuple[bool, bool, bool] = (False, False, False),
+) -> Layout:
+    """Add the plan of a conv with ``stride`` on ``layout`` (3x3x3 padding 1 for the sparse ops; on
+    ``odd_phase`` axes stride 1 there, keeping odd positions: ``models.nnformer.TokenConv3d``);
+    returns the output layout."""
     if stride in layout.convs:
         return layout.convs[stride].out
-    grid = tuple(-(-g // s) for g, s in zip(layout.grid, stride))  # ceil: kernel 3, padding 1
+    # ceil for kernel 3 (or 1) with padding 1 (or 0); floor on odd-phase axes
+    grid = tuple(g // 2 if odd else -(-g // s) for g, s, odd in zip(layout.grid, stride, odd_phase))
     units = layout.units
     if units is None:
         out = (
@@ -92,10 +105,24 @@ def _plan_conv(layout: Layout, stride: Triple, lookup: Tensor | None, backend: s
         else Layout.of_units(units.downscaled(stride), grid, layout.batch_size)
     )
     num_inputs = layout.coords.shape[0]
+    sparse_stride = tuple(1 if odd else s for s, odd in zip(stride, odd_phase))
+    keep = _odd_positions(units.downscaled(sparse_stride), odd_phase) if any(odd_phase) else None
     if backend == "triton":
-        table = neighbour_table(units.batch, units.corner, lookup, units.size, stride)
-        layout.convs[stride] = ConvPlan(out, table=table, transposed=transposed_table(table, num_inputs))
+        table = neighbour_table(units.batch, units.corner, lookup, units.size, sparse_stride)
+        transposed = transposed_table(table, num_inputs)
+        layout.convs[stride] = ConvPlan(out, table=table, transposed=transposed, keep=keep)
     else:
-        halo = halo_index(units.batch, units.corner, lookup, units.size, stride, num_inputs)
-        layout.convs[stride] = ConvPlan(out, halo=halo)
+        halo = halo_index(units.batch, units.corner, lookup, units.size, sparse_stride, num_inputs)
+        layout.convs[stride] = ConvPlan(out, halo=halo, keep=keep)
     return out
+
+
+def _odd_positions(units: UnitLayout, odd_phase: tuple[bool, bool, bool]) -> Tensor:
+    """(T_out,) rows of the units' tokens (unit by unit, C order) at odd positions along the
+    ``odd_phase`` axes: the tokens of the same units downscaled by 2 there (unit sizes even)."""
+    if any(odd and size % 2 for odd, size in zip(odd_phase, units.size)):
+        raise ValueError(f"an odd-phase conv needs an even unit size, got {units.size}")
+    rows = torch.arange(units.batch.numel() * math.prod(units.size), device=units.batch.device)
+    rows = rows.view(-1, *units.size)
+    picks = tuple(slice(1, None, 2) if odd else slice(None) for odd in odd_phase)
+    return rows[(slice(None), *picks)].reshape(-1)

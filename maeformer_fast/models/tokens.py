@@ -73,15 +73,18 @@ class ConvPlan:
     """What a 3x3x3 conv with one stride needs on one layout; built with the step's plan.
 
     ``out`` is the layout of the outputs (the input layout itself for stride 1). Sparse layouts carry
-    one of the two index forms of ``ops.sparse_conv``: ``table`` (T_out, 27) with its ``transposed``
-    (T_in, 27) for the Triton kernels, or ``halo`` (N, Lz, Ly, Lx) for the CPU block form. Dense
-    layouts carry neither (cuDNN / oneDNN convolve the grid).
+    one of the two index forms of ``ops.sparse_conv``: ``table`` (T_mid, 27) with its ``transposed``
+    (T_in, 27) for the Triton kernels, or ``halo`` (N, Lz, Ly, Lx) for the CPU block form, and for
+    a conv with odd-phase axes (``models.nnformer.TokenConv3d``, run at stride 1 there) ``keep``
+    (T_out,), the rows of its T_mid outputs that are ``out``'s tokens. Dense layouts carry none of
+    them (cuDNN / oneDNN convolve the grid).
     """
 
     out: Layout
     table: Tensor | None = None
     transposed: Tensor | None = None
     halo: Tensor | None = None
+    keep: Tensor | None = None
 
 
 @dataclass(eq=False)
