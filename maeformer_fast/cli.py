@@ -120,6 +120,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_official(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.cache import load_plan
+    from .models.official import load_official
+    from .models.pretrained import save_segmenter
+
+    plan = load_plan(args.plan)
+    overrides = {"in_channels": plan["num_channels"], "num_classes": plan["num_classes"]}
+    model = load_official(args.checkpoint, args.model, **{**overrides, **json.loads(args.overrides)})
+    info = {"imported_from": str(args.checkpoint), "official_config": args.model}
+    path = save_segmenter(args.out, model, plan, info)
+    count = sum(p.numel() for p in model.parameters())
+    print(f"wrote {path}: official nnFormer-{args.model}, {count:,} parameters")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .train.predict import evaluate, format_table
 
@@ -250,6 +267,23 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default: 0.5)")
     pred.add_argument("--mirror", action="store_true", help="average predictions over axis flips (8x slower)")
     pred.set_defaults(func=cmd_predict)
+
+    imp = sub.add_parser(
+        "import-official",
+        help="an official nnFormer checkpoint (.model) as a model file for predict/finetune",
+    )
+    imp.add_argument(
+        "checkpoint", type=Path, help="official checkpoint: nnU-Net v1 .model file or a state dict"
+    )
+    imp.add_argument("--model", required=True, choices=["synapse", "acdc", "tumor"],
+                     help="the published configuration it was trained with")  # fmt: skip
+    imp.add_argument("--plan", required=True,
+                     help="preprocessing cache (or its plan.json) of the data to predict: spacing, "
+                     "normalisation, channels and classes (nnU-Net's own plans are not read)")  # fmt: skip
+    imp.add_argument("--out", required=True, type=Path, help="model file to write (.safetensors)")
+    imp.add_argument("--overrides", default="{}",
+                     help="JSON object of config fields unlike the trainer's (default: {})")  # fmt: skip
+    imp.set_defaults(func=cmd_import_official)
 
     ev = sub.add_parser("evaluate", help="Dice and HD95 per class and case of predicted vs reference labels")
     ev.add_argument("--pred", required=True, help="folder of predicted label maps")

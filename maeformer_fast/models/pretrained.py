@@ -5,13 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from ..ops.window_groups import official_to_correct_rows
 from ..weights import load_weights, save_weights
 from .config import NNFormerConfig
 from .nnformer import NNFormer, NNFormerEncoder
 
 ENCODER_FORMAT = "maeformer-encoder-v1"
+SEGMENTER_FORMAT = "maeformer-segmenter-v1"
 
 
 def save_encoder(path: str | Path, encoder: NNFormerEncoder, info: dict[str, Any] | None = None) -> Path:
@@ -23,10 +26,16 @@ def save_encoder(path: str | Path, encoder: NNFormerEncoder, info: dict[str, Any
 
 
 def read_encoder_file(path: str | Path) -> tuple[dict, NNFormerConfig, dict[str, Any]]:
-    """(state dict, model config, run info) of an encoder file, with clear errors for other files."""
+    """(state dict, model config, run info) of an encoder file, or of the encoder part of a
+    segmentation model file (``save_segmenter``, ``maeformer import-official``); clear errors for
+    other files."""
     tensors, metadata = load_weights(Path(path))
-    if metadata.get("format") != ENCODER_FORMAT:
-        raise ValueError(f"{path}: not a maeformer encoder file (metadata format {metadata.get('format')!r})")
+    if metadata.get("format") == SEGMENTER_FORMAT:
+        tensors = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
+    elif metadata.get("format") != ENCODER_FORMAT:
+        raise ValueError(
+            f"{path}: not a maeformer encoder or model file (metadata format {metadata.get('format')!r})"
+        )
     return tensors, NNFormerConfig.from_dict(metadata["model_config"]), metadata.get("info", {})
 
 
@@ -44,45 +53,57 @@ def load_encoder(path: str | Path, **config_overrides: Any) -> NNFormerEncoder:
     return encoder
 
 
+def state_mismatch(
+    expected: dict[str, torch.Size], tensors: dict, allowed_missing: tuple[str, ...] = ()
+) -> str:
+    """What keeps ``tensors`` from filling ``expected`` (key -> shape): the missing keys (but those
+    under ``allowed_missing`` prefixes), the unexpected ones and the shape mismatches, at most 8 of
+    each named; empty when they fit."""
+    missing = [k for k in expected if k not in tensors and not k.startswith(allowed_missing)]
+    unexpected = [k for k in tensors if k not in expected]
+    mismatched = [
+        f"{k} {tuple(tensors[k].shape)} != {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in tensors and tensors[k].shape != shape
+    ]
+    return "; ".join(
+        f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched))
+        if keys
+    )
+
+
 def load_state_exact(
     model: nn.Module, tensors: dict, source: str | Path, allowed_missing: tuple[str, ...]
 ) -> None:
     """Load ``tensors`` into ``model``; only keys under ``allowed_missing`` prefixes may be missing,
     nothing may be unexpected and shapes must match; otherwise a ValueError names the keys."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in tensors and not k.startswith(allowed_missing)]
-    unexpected = [k for k in tensors if k not in expected]
-    mismatched = [
-        f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in tensors and tensors[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = [
-            f"{label}: {', '.join(keys[:8])}{' ...' if len(keys) > 8 else ''}"
-            for label, keys in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("shape mismatch", mismatched),
-            )
-            if keys
-        ]
-        raise ValueError(f"{source}: weights do not fit the model ({'; '.join(parts)})")
+    problems = state_mismatch({k: v.shape for k, v in model.state_dict().items()}, tensors, allowed_missing)
+    if problems:
+        raise ValueError(f"{source}: weights do not fit the model ({problems})")
     model.load_state_dict(tensors, strict=False)
 
 
 def init_from_encoder(model: NNFormer, path: str | Path) -> dict[str, Any]:
-    """Initialise a segmentation nnFormer's encoder from an encoder file; the decoder/heads stay new.
+    """Initialise a segmentation nnFormer's encoder from an encoder file (or a model file's encoder);
+    the decoder/heads stay new. The file's encoder must have the model's shapes (a clear error
+    otherwise).
 
-    The file's model config must describe the same encoder (a clear error otherwise).
+    Bias tables of a file written with ``official_bias_index`` (an imported official checkpoint) are
+    converted to the model's correct layout when the model does not use the official index: each
+    offset's row is copied from the official row it read, so the encoder computes the same.
     """
     tensors, config, info = read_encoder_file(path)
+    if config.official_bias_index and not model.config.official_bias_index:
+        tensors = {
+            k: v[official_to_correct_rows(config.window_sizes[int(k.split(".")[1])])]
+            if k.endswith("relative_position_bias_table")
+            else v
+            for k, v in tensors.items()
+        }
     prefixed = {f"encoder.{k}": v for k, v in tensors.items()}
     load_state_exact(model, prefixed, path, allowed_missing=("decoder.", "heads."))
     return {"encoder_config": config.to_dict(), **info}
-
-
-SEGMENTER_FORMAT = "maeformer-segmenter-v1"
 
 
 def save_segmenter(path: str | Path, model: NNFormer, plan: dict[str, Any], info: dict[str, Any]) -> Path:
