@@ -38,7 +38,7 @@ SCALING_HELP = {
     "DDP syncs gradients on the last one only)",
     "activation_checkpointing": "recompute each transformer block's activations in backward: less memory, "
     "more compute",
-    "compile": "torch.compile the transformer blocks (default: off until measured faster on the GPU; "
+    "compile": "torch.compile the whole model (default: off until measured faster on the GPU; "
     "falls back to eager with a warning)",
 }
 PRETRAIN_HELP.update(SCALING_HELP)

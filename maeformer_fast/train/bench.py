@@ -34,7 +34,7 @@ def training_step(
     device: torch.device,
     mode: str = "sparse",
     model_overrides: dict[str, Any] | None = None,
-    compile_blocks: bool = False,
+    compile_model: bool = False,
     activation_checkpointing: bool = False,
     compile_backend: str = "inductor",
 ) -> tuple[Callable[[], float], int]:
@@ -65,7 +65,7 @@ def training_step(
         else:
             raise ValueError(f"task must be 'pretrain' or 'finetune', got {task!r}")
     train_model = prepare_model(
-        model, DistInfo(), device, compile_blocks, activation_checkpointing, compile_backend
+        model, DistInfo(), device, compile_model, activation_checkpointing, compile_backend
     )
     unit_grid = model.encoder.unit_grid(crop)
 

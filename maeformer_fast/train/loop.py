@@ -59,7 +59,7 @@ class RunConfig:
     deterministic: bool = False  # deterministic kernels: bit-exact resume (slower scatter backward)
     accumulate_steps: int = 1  # micro-batches of batch_size per optimizer step (per rank)
     activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
-    compile: bool | None = None  # torch.compile the transformer blocks; None: the device's default
+    compile: bool | None = None  # torch.compile the whole model; None: the device's default
 
     # Counts and intervals a run divides by or loops over: each must be at least 1.
     POSITIVE = ("batch_size", "steps", "accumulate_steps", "checkpoint_every", "log_every", "preview_every",
@@ -220,55 +220,55 @@ def prepare_model(
     model: nn.Module,
     dist_info: DistInfo,
     device: torch.device,
-    compile_blocks: bool = False,
+    compile_model: bool = False,
     activation_checkpointing: bool = False,
     compile_backend: str | Callable[..., Any] = "inductor",
 ) -> nn.Module:
     """Set up ``model`` (already on the run's device) for training and return what to call in the loop.
 
-    The transformer blocks are compiled and/or checkpointed in place (so ``model`` itself, which
-    checkpoints and validation use, runs them too), then the model is wrapped in DDP when distributed.
+    The transformer blocks are checkpointed in place (so ``model`` itself, which checkpoints and
+    validation use, runs them too). ``compile_model`` compiles the whole forward -- the per-step plan,
+    convs, gathers, norms, attention custom ops, the MAE decoder and loss -- as one graph
+    (``fullgraph``, static shapes; AOTAutograd compiles the backward), falling back to eager with one
+    warning if the compiler fails. The result is wrapped in DDP when distributed.
     """
-    blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
-    fallback = _EagerFallback()
-    if compile_blocks:
-        # One graph per distinct block shape (stage width, skip attention, train/eval): more than
-        # dynamo's default recompile limit of 8, which would silently leave later stages eager.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for block in blocks:
-        residual = _checkpointed(block.residual) if activation_checkpointing else block.residual
-        if compile_blocks:
-            # Checkpointing inside the compiled function: dynamo traces it as one region, while an
-            # eager checkpoint around a compiled function fails in backward (torch 2.13).
-            residual = fallback.wrap(torch.compile(residual, backend=compile_backend), residual)
-        block.residual = residual  # an instance attribute: the state dict and the class are untouched
-    return wrap_ddp(model, dist_info, device)
+    if activation_checkpointing:
+        for block in (m for m in model.modules() if isinstance(m, TransformerBlock)):
+            block.residual = _checkpointed(
+                block.residual
+            )  # an instance attribute: the state dict is untouched
+    train_model = CompiledModel(model, compile_backend) if compile_model else model
+    return wrap_ddp(train_model, dist_info, device)
 
 
-class _EagerFallback:
-    """Runs compiled functions, switching all of them to eager (with one warning) at the first
-    compilation failure: a missing compiler toolchain or an unsupported op must not stop a run."""
+class CompiledModel(nn.Module):
+    """``model`` compiled whole, run eagerly (with one warning) from the first compilation failure on:
+    a missing compiler toolchain or an unsupported op must not stop a run.
 
-    def __init__(self) -> None:
+    One graph per input shape and train/eval mode (``dynamic=False``: a fixed batch, crop and mask ratio
+    give fixed shapes); DDP, when used, wraps this module, so dynamo never sees its hooks.
+    """
+
+    def __init__(self, model: nn.Module, backend: str | Callable[..., Any] = "inductor") -> None:
+        super().__init__()
+        self.model = model
+        self.compiled = torch.compile(model, backend=backend, fullgraph=True, dynamic=False)
         self.failed = False
 
-    def wrap(self, compiled: Callable[..., Any], eager: Callable[..., Any]) -> Callable[..., Any]:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            if not self.failed:
-                try:
-                    with _backward_compiled_with_forward():
-                        return compiled(*args, **kwargs)
-                except Exception as error:  # backends raise many types; the eager retry re-raises real bugs
-                    self.failed = True
-                    warnings.warn(
-                        f"torch.compile of the transformer blocks failed ({type(error).__name__}: "
-                        f"{str(error)[:500]}); continuing eagerly",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-            return eager(*args, **kwargs)
-
-        return run
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.failed:
+            try:
+                with _backward_compiled_with_forward():
+                    return self.compiled(*args, **kwargs)
+            except Exception as error:  # backends raise many types; the eager retry re-raises real bugs
+                self.failed = True
+                warnings.warn(
+                    f"torch.compile of the model failed ({type(error).__name__}: {str(error)[:500]}); "
+                    "continuing eagerly",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return self.model(*args, **kwargs)
 
 
 def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:

@@ -67,16 +67,16 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-# torch.compile of the transformer blocks when ``compile`` is left at None. Off until a GPU measurement
+# torch.compile of the whole model when ``compile`` is left at None. Off until a GPU measurement
 # (benchmarks/gpu_training.py, recorded in benchmarks/RESULTS.md) shows it faster on CUDA; on CPU it
 # only costs compilation time.
 COMPILE_BY_DEFAULT_ON_CUDA = False
 
 
-def resolve_compile(compile_blocks: bool | None, device: torch.device) -> bool:
-    """Whether to compile the transformer blocks: as asked, else the measured default for the device."""
-    if compile_blocks is not None:
-        return compile_blocks
+def resolve_compile(compile_model: bool | None, device: torch.device) -> bool:
+    """Whether to compile the model: as asked, else the measured default for the device."""
+    if compile_model is not None:
+        return compile_model
     return device.type == "cuda" and COMPILE_BY_DEFAULT_ON_CUDA
 
 
