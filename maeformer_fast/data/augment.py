@@ -37,8 +37,9 @@ def apply_intensity(image: torch.Tensor, intensity: torch.Tensor, noise_seeds: t
     x = apply_noise(image, intensity[:, 3], noise_seeds)
     shape = (-1,) + (1,) * (image.dim() - 1)
     x = x * params[:, 0].view(shape)
-    any_gamma = bool((intensity[:, 2] != 1).any())  # read on the host copy: no device sync
-    return apply_contrast_gamma(x, params[:, 1], params[:, 2], any_gamma)
+    # Which transforms any sample gets is read on the host copy: no device sync.
+    any_contrast, any_gamma = (bool((intensity[:, k] != 1).any()) for k in (1, 2))
+    return apply_contrast_gamma(x, params[:, 1], params[:, 2], any_contrast, any_gamma)
 
 
 def apply_noise(image: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
@@ -56,17 +57,19 @@ def apply_noise(image: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor) -> 
 
 
 def apply_contrast_gamma(
-    x: torch.Tensor, contrast: torch.Tensor, gamma: torch.Tensor, any_gamma: bool
+    x: torch.Tensor, contrast: torch.Tensor, gamma: torch.Tensor, any_contrast: bool, any_gamma: bool
 ) -> torch.Tensor:
     """Contrast around the per-channel mean (clamped to the old range) and gamma on the per-channel
-    [min, max]-rescaled intensities with mean and std restored. contrast, gamma: (B,) on x's device;
-    ``any_gamma``: whether some gamma differs from 1 (known on the host, so no device read)."""
+    [min, max]-rescaled intensities with mean and std restored, on x (B, C, Z, Y, X). contrast, gamma:
+    (B,) on x's device; ``any_contrast`` / ``any_gamma``: whether some contrast factor / gamma differs
+    from 1 (known on the host, so no device read; the batch statistics are skipped otherwise)."""
     dims = (2, 3, 4)
     shape = (-1, 1, 1, 1, 1)
-    c = contrast.view(shape)
-    mean = x.mean(dim=dims, keepdim=True)
-    lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
-    x = torch.where(c != 1, torch.minimum(torch.maximum((x - mean) * c + mean, lo), hi), x)
+    if any_contrast:
+        c = contrast.view(shape)
+        mean = x.mean(dim=dims, keepdim=True)
+        lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
+        x = torch.where(c != 1, torch.minimum(torch.maximum((x - mean) * c + mean, lo), hi), x)
     g = gamma.view(shape)
     if any_gamma:
         mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True)

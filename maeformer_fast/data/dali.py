@@ -38,7 +38,12 @@ def _import_dali() -> Any:
 
 
 def dali_batches(
-    sampler: CropSampler, labeled: bool, device: torch.device, start_step: int, num_workers: int | None
+    sampler: CropSampler,
+    labeled: bool,
+    device: torch.device,
+    start_step: int,
+    num_workers: int | None,
+    mask: tuple[tuple[int, int, int], float] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Infinite batches (see ``make_loader``) produced by DALI pipelines, window by window."""
     _import_dali()
@@ -64,7 +69,9 @@ def dali_batches(
                 )
                 tensors.append(t)
             label = tensors[1][:, 0] if labeled else None
-            yield finish_batch(tensors[0], label, plan, sampler, device, step + k, done="flips+brightness")
+            yield finish_batch(
+                tensors[0], label, plan, sampler, device, step + k, done="flips+brightness", mask=mask
+            )
         del pipe
         step += WINDOW
 

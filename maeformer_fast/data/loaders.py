@@ -16,8 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..ops.masking import random_unit_mask
+from ..ops.window_groups import Triple
+from ..train.runtime import step_generator
 from .augment import apply_flips, apply_intensity
 from .cache import load_plan, open_case, select_cases
+from .resident import DEFAULT_MEMORY_SHARE, choose_placement, image_storage_dtype, resident_batches
 from .sampling import AugmentConfig, BatchPlan, CropSampler, read_crop
 
 DEFAULT_BACKEND = "torch"  # chosen by benchmarks/test_bench_loaders.py, see data/README.md
@@ -40,6 +44,10 @@ def make_loader(
     augment: bool = True,
     num_workers: int | None = None,
     augment_config: AugmentConfig | None = None,
+    data_on_device: str = "off",
+    memory_share: float = DEFAULT_MEMORY_SHARE,
+    image_dtype: torch.dtype | None = None,
+    mask: tuple[Triple, float] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Infinite iterator of training batches from the cache folder ``cache_dir``.
 
@@ -50,6 +58,14 @@ def make_loader(
     adds random flips on all three axes and intensity augmentation (noise, brightness, contrast,
     gamma). ``cases``: case ids to draw from (default all; all labeled ones if ``labeled``).
     ``world_size`` is checked only: ranks differ through ``rank`` in the sample seeds.
+
+    ``data_on_device``: "off" streams crops from the memory-mapped cache with ``backend``; "on" holds
+    every case in ``device`` memory and cuts batches there (``resident.py``); "auto" does so when the
+    cache fits in ``memory_share`` of the device's free memory, else (CUDA) holds it in host memory
+    with a prefetching copy, else falls back to ``backend`` with a line on stderr. ``image_dtype``:
+    how resident images are stored (default float32 on the CPU, float16 on CUDA where the values
+    fit). ``mask`` = (unit grid, mask ratio) adds ``"visible_ids"`` (B, K) int64 on ``device``: the
+    MAE's visible units of the step, from the per-step generator pretraining has always used.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
@@ -66,13 +82,18 @@ def make_loader(
         augment_config=augment_config,
     )
     device = torch.device(device)
+    if backend not in ("torch", "dali"):
+        raise ValueError(f"backend must be 'torch' or 'dali', got {backend!r}")
+    dtype = image_dtype or image_storage_dtype(sampler, device)
+    placement = choose_placement(sampler, labeled, device, data_on_device, memory_share, dtype)
+    if placement is not None:
+        staged = placement != device
+        return resident_batches(sampler, labeled, device, start_step, staged, dtype, mask)
     if backend == "torch":
-        return _torch_batches(sampler, labeled, device, start_step, num_workers)
-    if backend == "dali":
-        from .dali import dali_batches
+        return _torch_batches(sampler, labeled, device, start_step, num_workers, mask)
+    from .dali import dali_batches
 
-        return dali_batches(sampler, labeled, device, start_step, num_workers)
-    raise ValueError(f"backend must be 'torch' or 'dali', got {backend!r}")
+    return dali_batches(sampler, labeled, device, start_step, num_workers, mask)
 
 
 def make_sampler(
@@ -164,7 +185,12 @@ def _identity(item: dict[str, Any]) -> dict[str, Any]:
 
 
 def _torch_batches(
-    sampler: CropSampler, labeled: bool, device: torch.device, start_step: int, num_workers: int | None
+    sampler: CropSampler,
+    labeled: bool,
+    device: torch.device,
+    start_step: int,
+    num_workers: int | None,
+    mask: tuple[Triple, float] | None,
 ) -> Iterator[dict[str, Any]]:
     workers = default_num_workers() if num_workers is None else int(num_workers)
     # On a CPU "training device" the loader workers are that device: augmenting there runs in
@@ -190,19 +216,21 @@ def _torch_batches(
             device,
             item["step"],
             done="all" if on_cpu else "none",
+            mask=mask,
         )
 
 
 def augment_batch(
-    image: torch.Tensor, label: torch.Tensor | None, plan: BatchPlan, skip_flips_brightness: bool = False
+    image: torch.Tensor, label: torch.Tensor | None, plan: BatchPlan, done: str = "none"
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Flips and intensity augmentation of a batch (image (B, C, Z, Y, X), label (B, Z, Y, X)) on its
-    device, with the parameters of ``plan``. ``skip_flips_brightness``: DALI already applied those."""
+    device, with the parameters of ``plan``, less what is ``done`` already: "none", "flips" (the
+    resident gather) or "flips+brightness" (the DALI pipeline)."""
     intensity = torch.from_numpy(plan.intensity)
-    if skip_flips_brightness:
+    if done == "flips+brightness":
         intensity = intensity.clone()
         intensity[:, 0] = 1.0
-    else:
+    elif done == "none":
         image, label = apply_flips(image, label, torch.from_numpy(plan.flips))
     return apply_intensity(image, intensity, torch.from_numpy(plan.noise_seeds)), label
 
@@ -215,14 +243,16 @@ def finish_batch(
     device: torch.device,
     step: int,
     done: str = "none",
+    mask: tuple[Triple, float] | None = None,
 ) -> dict[str, Any]:
     """Move a batch to ``device`` and finish its augmentation there: image (B, C, Z, Y, X) float32,
     label (B, Z, Y, X) any integer dtype -> int64. ``done``: what was applied already -- "none",
-    "flips+brightness" (DALI pipeline) or "all" (CPU loader workers)."""
+    "flips" (resident gather), "flips+brightness" (DALI pipeline) or "all" (CPU loader workers).
+    ``mask`` = (unit grid, ratio): add the step's visible units (B, K) as ``"visible_ids"``."""
     image = image.to(device, non_blocking=True)
     label = None if label is None else label.to(device, non_blocking=True).long()
     if sampler.augment and done != "all":
-        image, label = augment_batch(image, label, plan, skip_flips_brightness=done == "flips+brightness")
+        image, label = augment_batch(image, label, plan, done)
     batch: dict[str, Any] = {
         "image": image,
         "case_ids": [sampler.case_ids[c] for c in plan.cases.tolist()],
@@ -230,4 +260,8 @@ def finish_batch(
     }
     if label is not None:
         batch["label"] = label
+    if mask is not None:
+        # Seeded by (seed, rank, step) on the device, exactly as pretraining drew masks itself.
+        generator = step_generator(device, sampler.seed, sampler.rank, step, "mask")
+        batch["visible_ids"] = random_unit_mask(len(plan.cases), mask[0], mask[1], generator, device)
     return batch
