@@ -24,6 +24,8 @@ PRETRAIN_HELP = {
     "lr": "peak learning rate",
     "norm_pix_loss": "normalise each unit's target voxels (MAE's norm_pix_loss)",
     "loader": "data loader backend: torch or dali",
+    "data_on_device": "auto: hold the cache in device memory (on CUDA else pinned host memory) when it fits "
+    "in half the free memory, else --loader; on: always; off: always --loader",
     "precision": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
     "device": "auto, cpu, cuda, cuda:1, ...",
     "resume": "continue from the newest checkpoint in OUT/checkpoints",

@@ -166,7 +166,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         run.cache, crop, config.batch_size, labeled=True, cases=splits.train, backend=config.loader,
         device=device, seed=config.seed, start_step=start_step * micro_steps, rank=dist_info.rank,
         world_size=dist_info.world_size, foreground_oversample=config.foreground_oversample,
-        num_workers=config.num_workers,
+        num_workers=config.num_workers, data_on_device=config.data_on_device,
     )  # fmt: skip
 
     def validate(step: int) -> float:

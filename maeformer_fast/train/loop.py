@@ -49,6 +49,7 @@ class RunConfig:
     seed: int = 0
     loader: str = "torch"
     num_workers: int = 2
+    data_on_device: str = "auto"  # hold the cache in device memory: auto (if it fits), on, off
     precision: str = "auto"
     device: str = "auto"
     checkpoint_every: int = 100
@@ -206,7 +207,7 @@ class Optimisation:
 CHANGEABLE_ON_RESUME = frozenset({
     "data", "out", "cache_dir", "resume", "progress", "num_workers", "loader", "device", "steps",
     "checkpoint_every", "log_every", "preview_every", "val_every", "max_val_cases", "evaluate_test",
-    "compile", "activation_checkpointing", "deterministic", "precision",
+    "compile", "activation_checkpointing", "deterministic", "precision", "data_on_device",
     "init",  # the checkpoint's weights replace the initial ones anyway
 })  # fmt: skip
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from ..models.config import get_config
 from ..models.mae import MaskedAutoencoder, expand_units, patchify, unpatchify
 from ..models.pretrained import save_encoder
-from ..ops.masking import num_visible_units, random_unit_mask, visible_mask_grid
+from ..ops.masking import num_visible_units, visible_mask_grid
 from .checkpoint import CheckpointManager, unwrap
 from .distributed import barrier, mean_across_ranks
 from .loop import Optimisation, RunConfig, prepare_model, setup_run
@@ -27,7 +27,6 @@ from .runtime import (
     check_finite,
     derive_seed,
     resolve_compile,
-    step_generator,
 )
 
 
@@ -146,19 +145,19 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         run.cache, crop, config.batch_size, labeled=False, backend=config.loader, device=device,
         seed=config.seed, start_step=start_step * micro_steps, rank=dist_info.rank,
         world_size=dist_info.world_size, num_workers=config.num_workers,
+        data_on_device=config.data_on_device, mask=(unit_grid, config.mask_ratio),
     )  # fmt: skip
     current: dict = {}  # the step's case ids and its last micro-batch (for the preview)
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
-        # The micro-batch counter is the loader position and seeds the masks and stochastic depth
-        # (global RNG, seeded after the loader, whose first call draws a worker seed): a resumed run
-        # repeats an uninterrupted one, and ranks and micro-batches get different masks.
+        # The micro-batch counter is the loader position and seeds the masks (drawn by the loader on
+        # the device) and stochastic depth (global RNG, seeded after the loader, whose first call
+        # draws a worker seed): a resumed run repeats an uninterrupted one, and ranks and
+        # micro-batches get different masks.
         index = step * micro_steps + micro
         batch = next(loader)
         torch.manual_seed(derive_seed(config.seed, dist_info.rank, index, "train"))
-        images = batch["image"]
-        generator = step_generator(device, config.seed, dist_info.rank, index, "mask")
-        visible_ids = random_unit_mask(images.shape[0], unit_grid, config.mask_ratio, generator, device)
+        images, visible_ids = batch["image"], batch["visible_ids"]
         loss, prediction = mae_loss(train_model, images, visible_ids, precision, device)
         current["case_ids"] = (current["case_ids"] if micro else []) + batch.get("case_ids", [])
         current.update(images=images, visible_ids=visible_ids, prediction=prediction.detach())
