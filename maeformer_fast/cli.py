@@ -24,7 +24,7 @@ PRETRAIN_HELP = {
     "lr": "peak learning rate",
     "norm_pix_loss": "normalise each unit's target voxels (MAE's norm_pix_loss)",
     "loader": "data loader backend: torch or dali",
-    "data_on_device": "auto: hold the cache in device memory (on CUDA else pinned host memory) when it fits "
+    "data_on_device": "auto: hold the cache in device memory (on CUDA, else in host memory) when it fits "
     "in half the free memory, else --loader; on: always; off: always --loader",
     "precision": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
     "device": "auto, cpu, cuda, cuda:1, ...",
@@ -148,9 +148,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench_loader(args: argparse.Namespace) -> int:
+    """Crops/s of each loader next to the crops/s the sparse pretraining step consumes; which limits."""
+    import torch
+
+    from .train.bench import bench_loaders, limiting_verdict
+
+    if args.data is None:
+        raise ValueError("--loader needs --data (a dataset folder or a preprocessing cache)")
+    rows = bench_loaders(args.data, args.model, args.crop_size, args.batch_size, args.device,
+                         args.precision, args.seconds, args.compile, args.num_workers)  # fmt: skip
+    print(f"model {args.model}, batch {args.batch_size}, {torch.get_num_threads()} torch threads, "
+          f"{args.num_workers} loader workers")  # fmt: skip
+    for r in rows:
+        print(f"{r['name']:<16}{r['crops_per_s']:>10.1f} crops/s")
+    print(limiting_verdict(rows))
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Time the training steps on this machine and print a table with the sparse/dense ratio."""
     from .train.bench import bench
+
+    if args.loader:
+        return cmd_bench_loader(args)
 
     rows = bench(args.model, args.crop_size, args.batch_size, args.device, args.precision, args.seconds,
                  args.compile)  # fmt: skip
@@ -245,7 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--seconds", type=float, default=5.0, help="timing per case after a warm-up step (default: 5)"
     )
     ben.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                     help="torch.compile the transformer blocks (default: the device's default)")  # fmt: skip
+                     help="torch.compile the whole model (default: the device's default)")  # fmt: skip
+    ben.add_argument("--loader", action="store_true",
+                     help="time the data loaders on --data instead: crops/s of each next to the crops/s the "
+                     "sparse pretraining step consumes")  # fmt: skip
+    ben.add_argument("--data", default=None, help="with --loader: " + PRETRAIN_HELP["data"])
+    ben.add_argument(
+        "--num-workers", type=int, default=2, help="with --loader: loader worker processes (default: 2)"
+    )
     ben.set_defaults(func=cmd_bench)
 
     pre = sub.add_parser("pretrain", help="MAE pretraining of the nnFormer encoder on unlabeled volumes")
