@@ -45,10 +45,8 @@ def encoder_convs(config):
     half, embed = config.embed_dim // 2, config.embed_dim
     convs = [("PE0", config.in_channels, half, first), ("PE1", half, half, UNIT_STRIDE),
              ("PE2", half, embed, second), ("PE3", embed, embed, UNIT_STRIDE)]  # fmt: skip
-    convs += [
-        (f"DS{i}", config.stage_dim(i), 2 * config.stage_dim(i), (2, 2, 2))
-        for i in range(config.num_stages - 1)
-    ]
+    for i, stride in enumerate(config.downsampling_strides):
+        convs.append((f"DS{i}", config.stage_dim(i), 2 * config.stage_dim(i), stride))
     return convs
 
 
