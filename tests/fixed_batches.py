@@ -29,29 +29,24 @@ def sample(index: int, crop: Sequence[int]) -> torch.Tensor:
 
 
 def fixed_loader(cache_dir: Any, crop_size: Sequence[int], batch_size: int, *, start_step: int = 0,
-                 rank: int = 0, world_size: int = 1, **_: Any) -> Iterator[dict[str, Any]]:  # fmt: skip
-    """``make_loader``'s interface over the fixed sequence (the cache is not read)."""
+                 rank: int = 0, world_size: int = 1, mask: tuple[Sequence[int], float] | None = None,
+                 **_: Any) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """``make_loader``'s interface over the fixed sequence (the cache is not read). With ``mask`` =
+    (unit grid, ratio), every sample gets one mask of a fixed seed as its ``visible_ids``."""
     for position in itertools.count(start_step):
         first = (position * world_size + rank) * batch_size
         ids = range(first, first + batch_size)
-        yield {
+        batch = {
             "image": torch.stack([sample(i, crop_size) for i in ids]),
             "case_ids": [f"sample-{i}" for i in ids],
         }
+        if mask is not None:
+            one = random_unit_mask(1, tuple(mask[0]), mask[1], torch.Generator().manual_seed(0))
+            batch["visible_ids"] = one.expand(batch_size, -1).contiguous()
+        yield batch
 
 
-def fixed_mask(
-    batch_size: int, unit_grid: Sequence[int], mask_ratio: float, *_: Any, **__: Any
-) -> torch.Tensor:
-    """``random_unit_mask``'s interface: one mask of a fixed seed, shared by every sample."""
-    one = random_unit_mask(1, tuple(unit_grid), mask_ratio, torch.Generator().manual_seed(0))
-    return one.expand(batch_size, -1).contiguous()
-
-
-PATCHES = [
-    (maeformer_fast.data, "make_loader", fixed_loader),
-    (maeformer_fast.train.pretrain, "random_unit_mask", fixed_mask),
-]
+PATCHES = [(maeformer_fast.data, "make_loader", fixed_loader)]
 
 
 if __name__ == "__main__":
