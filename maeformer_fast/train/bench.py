@@ -40,6 +40,7 @@ def training_step(
     compile_model: bool = False,
     activation_checkpointing: bool = False,
     compile_backend: str = "inductor",
+    compile_mode: str | None = "auto",
 ) -> tuple[Callable[[], float], int]:
     """A closure running one training step (returns its loss) and the voxels one step consumes.
 
@@ -68,7 +69,7 @@ def training_step(
         else:
             raise ValueError(f"task must be 'pretrain' or 'finetune', got {task!r}")
     train_model = prepare_model(
-        model, DistInfo(), device, compile_model, activation_checkpointing, compile_backend
+        model, DistInfo(), device, compile_model, activation_checkpointing, compile_backend, compile_mode
     )
     unit_grid = model.encoder.unit_grid(crop)
 

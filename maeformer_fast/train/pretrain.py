@@ -160,7 +160,8 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         images, visible_ids = batch["image"], batch["visible_ids"]
         loss, prediction = mae_loss(train_model, images, visible_ids, precision, device)
         current["case_ids"] = (current["case_ids"] if micro else []) + batch.get("case_ids", [])
-        current.update(images=images, visible_ids=visible_ids, prediction=prediction.detach())
+        # A copy: a CUDA-graph replay (compile mode "reduce-overhead") reuses its output memory.
+        current.update(images=images, visible_ids=visible_ids, prediction=prediction.detach().clone())
         return loss
 
     model.train()
