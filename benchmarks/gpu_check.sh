@@ -3,7 +3,9 @@
 # sparse encoder against the masked dense reference, the op-count test), the per-layer time of the
 # sparse convs against the dense conv (Synapse, batch 2 and 8), and the MAE step times sparse vs dense
 # with profiles (small b4/b32, Synapse b2/b8, bf16). Every result under $OUT (logs, JSON, profiles).
-# The other GPU scripts (gpu_window_attention.py, gpu_training.py) run on their own when there is time.
+# The other GPU scripts run on their own when there is time: gpu_compile.py (eager vs compiled vs
+# compiled + CUDA graphs, ~7 min; fine-tuning and plain compilation still unmeasured), gpu_window_attention.py,
+# gpu_training.py.
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on a CUDA machine, from the repository root
 #
