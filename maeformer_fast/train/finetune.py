@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ class FinetuneConfig(RunConfig):
     weight_decay: float | None = None  # default per optimizer: adamw 0.01, sgd 3e-5
     warmup_steps: int | None = None  # adamw only; default 5% of steps
     layer_decay: float = 1.0  # lr factor per encoder stage below the decoder (1 = none)
+    freeze_encoder_steps: int = 0  # the encoder's weights stay fixed for the first N steps
     grad_clip: float = 12.0
     foreground_oversample: float = 0.33
     val_every: int = 50
@@ -122,11 +124,18 @@ def segmentation_loss(
     return deep_supervision_loss(outputs, labels)
 
 
-def finetune(config: FinetuneConfig) -> FinetuneResult:
-    """Fine-tune; validation Dice every ``val_every`` steps picks the best model; resumable."""
+def finetune(
+    config: FinetuneConfig, stop: Callable[[list[tuple[int, float]]], bool] | None = None
+) -> FinetuneResult:
+    """Fine-tune; validation Dice every ``val_every`` steps picks the best model; resumable.
+
+    ``stop(curve)``, called after each validation with the (step, Dice) curve so far, ends training
+    early when it returns True (single process only: e.g. a plateau criterion)."""
     from ..data import make_loader
 
     run = setup_run(config)
+    if stop is not None and run.dist.enabled:
+        raise ValueError("finetune: stop needs a single process (its decision is not shared across ranks)")
     device, dist_info, out = run.device, run.dist, run.out
     plan = load_plan(run.cache)
     labeled_cases = [c["id"] for c in plan["cases"] if c["has_label"]]
@@ -188,7 +197,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     model.train()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="finetune",
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
+    done = start_step
     for step in bar:
+        if config.freeze_encoder_steps:  # no gradient: AdamW/SGD leave weights and moments untouched
+            model.encoder.requires_grad_(step >= config.freeze_encoder_steps)
         local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
         mean_loss = mean_across_ranks(local_loss, dist_info)
         loss_value = mean_loss.item()  # the step's one host read, before the optimizer step is queued
@@ -212,12 +224,14 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             meta = {"kind": "finetune", "best": best, "curve": curve,
                     "elapsed_s": time.perf_counter() - started}  # fmt: skip
             optimisation.save(checkpoints, done, config, meta)
+        if val_dice is not None and stop is not None and stop(curve):
+            break
     bar.close()
     barrier(dist_info)
 
     test_dice = test_hd95 = None
     if dist_info.is_main:
-        save_segmenter(last_path, model, plan, {**info, "step": config.steps})
+        save_segmenter(last_path, model, plan, {**info, "step": done})
         if config.evaluate_test:
             test_dice, test_hd95 = evaluate_saved(
                 model_path, run.cache, splits.test, crop, plan, device, run.precision
