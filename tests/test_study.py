@@ -19,12 +19,12 @@ def test_parse_labeled_and_steps_to_fraction():
     assert steps_to_fraction([(10, 0.5), (20, 0.9), (30, 0.52)]) == 10  # of the final Dice, not the best
 
 
-def recomputed_test_dice(folder: Path, cache: Path) -> float:
+def recomputed_test_dice(folder: Path, cache: Path, cases: list[str] | None = None) -> float:
     """Mean over classes and test cases of 2|P & R| / (|P| + |R|) (1 when both are empty), counted
-    here from the arm's best model's predictions on its test split."""
+    here from the arm's best model's predictions on ``cases`` of ``cache`` (default: its test split)."""
     model, plan, _ = load_segmenter(folder / "model.safetensors")
     scores = []
-    for case in json.loads((folder / "splits.json").read_text())["test"]:
+    for case in cases or json.loads((folder / "splits.json").read_text())["test"]:
         image, label = open_case(cache, case, labeled=True)
         predicted = predict_case(model, image, model.config.crop_size, plan["num_classes"], "cpu", "fp32")
         for c in range(1, plan["num_classes"]):

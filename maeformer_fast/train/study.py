@@ -9,9 +9,11 @@ each labeled count and seed fine-tunes three arms on the same cases:
   optimizer steps (not FLOPs: a sparse MAE step costs less than a dense fine-tuning step), so the
   measured wall-clock of every arm is reported beside it.
 
-Model selection uses the fixed validation split; the numbers come from the separate test split.
-Resumable: each arm writes ``result.json`` atomically into its own folder and is skipped on rerun;
-an interrupted arm continues from its last checkpoint; the encoder is reused if its file exists.
+Model selection uses the fixed validation split; the numbers come from the separate test split
+(and, with ``test_data``, from a separate labeled folder too). Resumable: each arm writes
+``result.json`` atomically into its own folder and is skipped on rerun; an interrupted arm continues
+from its last checkpoint; the encoder is reused if its file exists; ``max_hours`` stops cleanly
+between arms. ``protocol="converged"`` runs the converged study of ``study_converged`` instead.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..data.cache import CASES_DIR, PLAN_FILE, load_plan
 from ..data.io import atomic_write_text
 from ..ops.window_groups import Triple
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig, evaluate_saved, finetune
 from .pretrain import PretrainConfig, pretrain
 from .splits import make_splits
+from .study_protocol import loss_flattening, machine, read_loss_curve
 from .study_report import write_outputs
 
 ARMS = ("mae", "scratch", "scratch_matched")
+CONVERGED_ARMS = ("mae", "mae_short", "scratch")  # long and short pretraining, random init
 
 
 @dataclass
@@ -61,6 +66,25 @@ class StudyConfig:
     cache_dir: str | None = None
     progress: bool = False
     report_only: bool = False  # rewrite tables/plots/report from the finished arms; train nothing
+    test_data: str | None = None  # a separate labeled folder every arm's selected model is scored on
+    max_hours: float | None = None  # start no new arm after this many hours (rerun to continue)
+    protocol: str = "fixed"  # "fixed" (the steps above) or "converged" (study_converged)
+    # The converged protocol (pretrain_steps is its long budget):
+    finetune_max_steps: int = 8000
+    plateau_patience: int = 10
+    plateau_min_delta: float = 0.005
+    plateau_min_steps: int = 1000
+    short_fraction: float = 0.1
+    flatten_tolerance: float = 0.01
+    encoder_stages: str = "3"
+    mask_ratios: str = "0.6,0.75"
+    tune_labeled: int = 2
+    tune_seed: int = 100
+    tune_lrs: str = "3e-4,1e-3,3e-3"
+    tune_warmups: str = "100,1000"
+    tune_layer_decays: str = "1.0,0.75"
+    tune_freeze_steps: str = "0,500"
+    tune_scratch_lrs: str = "2e-4,5e-4,1e-3,2e-3,3e-3,5e-3"
     model_overrides: dict = field(default_factory=dict)  # Python API only (e.g. a tiny model in tests)
 
 
@@ -69,9 +93,10 @@ class StudyResult:
     """What ``study`` produced: the finished arms' rows, the pretraining record and the written files."""
 
     rows: list[dict]  # one per finished arm run; see ``study_report.TABLE_FIELDS``
-    pretrain: dict  # encoder path, steps, wall time, cases seen
+    pretrain: dict  # encoder path, steps, wall time, cases seen (converged: one record per budget)
     files: dict[str, Path]  # table_csv, table_json, report, plots
     wall_time_s: float
+    complete: bool = True  # False when max_hours stopped it before every arm had run
 
 
 def parse_labeled(text: str) -> list[int | None]:
@@ -84,9 +109,14 @@ def parse_labeled(text: str) -> list[int | None]:
     return counts
 
 
+def parse_list(text: str, kind: type = float) -> list:
+    """``"1e-3, 3e-3"`` -> ``[0.001, 0.003]`` (each part converted by ``kind``)."""
+    return [kind(p.strip()) for p in text.split(",") if p.strip()]
+
+
 def parse_arms(text: str) -> list[str]:
     """``"mae,scratch"`` -> ``["mae", "scratch"]``, checked against ``ARMS``."""
-    arms = [a.strip() for a in text.split(",") if a.strip()]
+    arms = parse_list(text, str)
     unknown = sorted(set(arms) - set(ARMS))
     if unknown or not arms:
         raise ValueError(f"arms must be a comma list of {ARMS}, got {text!r}")
@@ -118,67 +148,129 @@ def pretraining_view(cache: Path, exclude: set[str], view: Path) -> Path:
     return view
 
 
-def run_pretraining(config: StudyConfig, out: Path, exclude: set[str], cache: Path) -> dict:
-    """Pretrain once, or reuse ``out/pretrain/encoder.safetensors``; returns the pretraining record."""
-    folder = out / "pretrain"
+def run_pretraining(config: StudyConfig, folder: Path, data: Path, steps: int, overrides: dict,
+                    mask_ratio: float = 0.75) -> dict:  # fmt: skip
+    """Pretrain once into ``folder`` on the cache ``data``, or reuse its finished encoder; returns the
+    pretraining record (with the loss's flattening over the last tenth of the run, from its log)."""
     record_path = folder / "pretrain.json"
-    encoder = folder / "encoder.safetensors"
-    if encoder.is_file() and record_path.is_file():
+    if (folder / "encoder.safetensors").is_file() and record_path.is_file():
         return json.loads(record_path.read_text())
-    data = pretraining_view(cache, exclude, out / "pretrain_data") if exclude else cache
-    started = time.perf_counter()
     result = pretrain(PretrainConfig(
         data=str(data), out=str(folder), model=config.model, crop_size=config.crop_size,
-        batch_size=config.batch_size, steps=config.pretrain_steps, num_workers=config.num_workers,
+        batch_size=config.batch_size, steps=steps, num_workers=config.num_workers, mask_ratio=mask_ratio,
         device=config.device, precision=config.precision, progress=config.progress, resume=True,
-        checkpoint_every=max(1, config.pretrain_steps // 4), model_overrides=config.model_overrides,
+        checkpoint_every=max(1, steps // 4), model_overrides=overrides, log_every=max(1, steps // 200),
+        preview_every=max(1, steps // 4),
     ))  # fmt: skip
     record = {
         "encoder_path": str(result.encoder_path),
         "steps": result.steps,
-        "wall_time_s": time.perf_counter() - started,
+        "mask_ratio": mask_ratio,
+        "wall_time_s": result.wall_time_s,  # the whole run's clock, resumed parts included
         "final_loss": result.final_loss,
+        "flattening": loss_flattening(*read_loss_curve(result.log_path)),
         "cases": len(load_plan(data)["cases"]),
-        "test_excluded": bool(exclude),
+        "test_excluded": config.exclude_test,
+        "machine": machine(config.device),
     }
     atomic_write_text(record_path, json.dumps(record, indent=2))
     return record
 
 
+def external_test_set(config: StudyConfig, out: Path, plan: dict) -> tuple[Path, list[str]] | None:
+    """The preprocessing cache and labeled cases of ``config.test_data`` (None without one).
+
+    A raw folder is preprocessed into ``OUT/test_data_cache`` at the training plan's spacing; its
+    normalisation must be the training plan's (per-volume z-score; a CT set's own statistics are
+    refused), so nothing about the training data is taken from it and nothing of it reaches training.
+    """
+    from ..data import ensure_preprocessed
+
+    if not config.test_data:
+        return None
+    cache = ensure_preprocessed(config.test_data, out / "test_data_cache", target_spacing=plan["spacing"])
+    external = load_plan(cache)
+    for key in ("spacing", "normalization", "num_classes", "num_channels"):
+        if external[key] != plan[key]:
+            raise ValueError(f"--test-data {config.test_data}: its {key} {external[key]} is not the "
+                             f"training data's {plan[key]}")  # fmt: skip
+    cases = [c["id"] for c in external["cases"] if c["has_label"]]
+    if not cases:
+        raise ValueError(f"--test-data {config.test_data}: no labeled cases")
+    return cache, cases
+
+
+def score_external(config: StudyConfig, row: dict, folder: Path, external: tuple[Path, list[str]]) -> dict:
+    """``row`` with the arm's selected model (``model.safetensors``) scored on the external test set:
+    ``ext_test_dice_*``, ``ext_test_hd95_*`` and ``ext_test_cases``."""
+    from ..models.config import get_config
+    from .runtime import pick_device, resolve_precision
+
+    cache, cases = external
+    device = pick_device(config.device)
+    crop = tuple(config.crop_size or get_config(config.model).crop_size)
+    dice, hd95 = evaluate_saved(folder / "model.safetensors", cache, cases, crop, load_plan(cache), device,
+                                resolve_precision(config.precision, device))  # fmt: skip
+    return {**row, **{f"ext_test_dice_{k}": v for k, v in dice.items()},
+            **{f"ext_test_hd95_{k}": v for k, v in hd95.items()}, "ext_test_cases": len(cases)}  # fmt: skip
+
+
+@dataclass
+class ArmSpec:
+    """How one fine-tuning run trains: init encoder (None: scratch), maximum steps, the recipe (extra
+    ``FinetuneConfig`` fields, e.g. lr, warmup_steps, layer_decay, freeze_encoder_steps,
+    model_overrides), an early ``stop`` rule, and whether it is scored on the test split."""
+
+    init: str | None
+    steps: int
+    recipe: dict = field(default_factory=dict)
+    stop: Callable[[list[tuple[int, float]]], bool] | None = None
+    evaluate_test: bool = True
+
+
 def run_arm(config: StudyConfig, folder: Path, arm: str, labeled: int | None, seed: int, cache: Path,
-            encoder: str) -> dict:  # fmt: skip
-    """Fine-tune one arm (or load its finished result); returns its table row plus the curve."""
+            spec: ArmSpec, external: tuple[Path, list[str]] | None = None) -> dict:  # fmt: skip
+    """Fine-tune one arm (or load its finished result); returns its table row plus the curve. With an
+    ``external`` test set, a finished arm not yet scored on it is scored and its result rewritten."""
     result_path = folder / "result.json"
     if result_path.is_file():
-        return json.loads(result_path.read_text())
+        row = json.loads(result_path.read_text())
+        if external and spec.evaluate_test and "ext_test_dice_mean" not in row:
+            row = score_external(config, row, folder, external)
+            atomic_write_text(result_path, json.dumps(row, indent=2))
+        return row
     print(f"study: {folder} ...", flush=True)
-    steps = config.finetune_steps + (config.pretrain_steps if arm == "scratch_matched" else 0)
-    started = time.perf_counter()
-    result = finetune(FinetuneConfig(
-        data=str(cache), out=str(folder), init=encoder if arm == "mae" else None, model=config.model,
-        crop_size=config.crop_size, labeled=labeled, seed=seed, split_seed=config.split_seed,
-        val_fraction=config.val_fraction, test_fraction=config.test_fraction, steps=steps,
-        batch_size=config.batch_size, val_every=config.val_every, max_val_cases=config.max_val_cases,
-        num_workers=config.num_workers, precision=config.precision, device=config.device,
-        checkpoint_every=max(1, steps // 4), resume=True, progress=config.progress,
-        model_overrides=config.model_overrides,
-    ))  # fmt: skip
+    result = finetune(FinetuneConfig(**{
+        "data": str(cache), "out": str(folder), "init": spec.init, "model": config.model,
+        "crop_size": config.crop_size, "labeled": labeled, "seed": seed, "split_seed": config.split_seed,
+        "val_fraction": config.val_fraction, "test_fraction": config.test_fraction, "steps": spec.steps,
+        "batch_size": config.batch_size, "val_every": config.val_every,
+        "max_val_cases": config.max_val_cases, "num_workers": config.num_workers,
+        "precision": config.precision, "device": config.device, "checkpoint_every": max(1, spec.steps // 4),
+        "resume": True, "progress": config.progress, "model_overrides": config.model_overrides,
+        "evaluate_test": spec.evaluate_test, **spec.recipe,
+    }), stop=spec.stop)  # fmt: skip
     row = {
         "arm": arm,
         "labeled": len(result.splits["train"]),
         "seed": seed,
-        "steps": steps,
+        "steps": result.curve[-1][0] if result.curve else spec.steps,  # an early stop: the steps it ran
+        "max_steps": spec.steps,
         **{f"test_dice_{k}": v for k, v in (result.test_dice or {}).items()},
         **{f"test_hd95_{k}": v for k, v in (result.test_hd95 or {}).items()},
         "best_val_dice": result.best_val_dice,
         "best_step": result.best_step,
         "steps_to_95": steps_to_fraction(result.curve),
-        # The whole call: training, validations and the test scoring (a resumed arm: the last part).
-        "wall_time_s": time.perf_counter() - started,
+        # The whole run's clock (resumed parts included): training, validations and the test scoring.
+        "wall_time_s": result.wall_time_s,
         "curve": [list(point) for point in result.curve],
         "test_cases": len(result.splits["test"]),
         "val_cases": len(result.splits["val"][: config.max_val_cases or None]),
+        "machine": machine(config.device),
+        "recipe": {k: v for k, v in spec.recipe.items() if k != "model_overrides"},
     }
+    if external and spec.evaluate_test:
+        row = score_external(config, row, folder, external)
     atomic_write_text(result_path, json.dumps(row, indent=2))
     print(f"study: {arm} labeled={row['labeled']} seed={seed}: test Dice {row.get('test_dice_mean')}, "
           f"{row['wall_time_s']:.0f} s", flush=True)  # fmt: skip
@@ -191,9 +283,11 @@ def study(config: StudyConfig) -> StudyResult:
 
     started = time.perf_counter()
     out = Path(config.out)
+    if config.protocol not in ("fixed", "converged"):
+        raise ValueError(f"protocol must be fixed or converged, got {config.protocol!r}")
     if config.report_only:
         return finished_study(config, out, started)
-    counts, arms = parse_labeled(config.labeled), parse_arms(config.arms)
+    counts = parse_labeled(config.labeled)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study_config.json", json.dumps(asdict(config), indent=2, default=str))
     cache = Path(ensure_preprocessed(config.data, config.cache_dir))
@@ -201,19 +295,54 @@ def study(config: StudyConfig) -> StudyResult:
     labeled_cases = [c["id"] for c in plan["cases"] if c["has_label"]]
     splits = make_splits(labeled_cases, config.val_fraction, config.test_fraction, config.split_seed)
     exclude = set(splits.test) if config.exclude_test else set()
-    pretrained = run_pretraining(config, out, exclude, cache) if "mae" in arms else {}
+    data = pretraining_view(cache, exclude, out / "pretrain_data") if exclude else cache
+    external = external_test_set(config, out, plan)
+    deadline = Deadline(config.max_hours)
+    if config.protocol == "converged":
+        from .study_converged import run_converged
 
+        return run_converged(config, out, cache, data, counts, external, deadline, started)
+
+    arms = parse_arms(config.arms)
+    pretrained = run_pretraining(config, out / "pretrain", data, config.pretrain_steps,
+                                 config.model_overrides) if "mae" in arms else {}  # fmt: skip
     rows = []
     # Seeds outermost: a study stopped early still holds complete, paired (arm x count) seeds.
-    for seed in range(config.seeds):
-        for labeled in counts:
-            name = "all" if labeled is None else str(labeled)
-            for arm in arms:
-                folder = out / "runs" / f"labeled-{name}" / f"seed-{seed}" / arm
-                rows.append(run_arm(config, folder, arm, labeled, seed, cache,
-                                    pretrained.get("encoder_path", "")))  # fmt: skip
+    for seed, labeled, arm in arm_order(config.seeds, counts, arms):
+        if deadline.passed():
+            break
+        steps = config.finetune_steps + (config.pretrain_steps if arm == "scratch_matched" else 0)
+        spec = ArmSpec(pretrained.get("encoder_path") if arm == "mae" else None, steps)
+        rows.append(run_arm(config, arm_folder(out, labeled, seed, arm), arm, labeled, seed, cache, spec,
+                            external))  # fmt: skip
     files = write_outputs(rows, pretrained, config, arms, Path(config.report_dir or out)) if rows else {}
-    return StudyResult(rows, pretrained, files, time.perf_counter() - started)
+    complete = len(rows) == config.seeds * len(counts) * len(arms)
+    return StudyResult(rows, pretrained, files, time.perf_counter() - started, complete)
+
+
+class Deadline:
+    """``passed()`` once ``hours`` have gone by since it was made (never with None): the study then
+    starts no new arm and writes what it has; a rerun continues."""
+
+    def __init__(self, hours: float | None) -> None:
+        self.end = None if hours is None else time.monotonic() + hours * 3600
+
+    def passed(self) -> bool:
+        if self.end is None or time.monotonic() < self.end:
+            return False
+        print("study: --max-hours reached; stopping before the next arm (rerun to continue)", flush=True)
+        return True
+
+
+def arm_order(seeds: int, counts: list[int | None], arms: list[str]) -> list[tuple[int, int | None, str]]:
+    """(seed, labeled count, arm) in run order: seeds outermost, so a study stopped early holds
+    complete, paired (count x arm) sets for its first seeds."""
+    return [(seed, labeled, arm) for seed in range(seeds) for labeled in counts for arm in arms]
+
+
+def arm_folder(out: Path, labeled: int | None, seed: int, arm: str) -> Path:
+    """``OUT/runs/labeled-K/seed-S/ARM`` (K = ``all`` for the whole pool)."""
+    return out / "runs" / f"labeled-{'all' if labeled is None else labeled}" / f"seed-{seed}" / arm
 
 
 def finished_study(config: StudyConfig, out: Path, started: float) -> StudyResult:
@@ -223,14 +352,20 @@ def finished_study(config: StudyConfig, out: Path, started: float) -> StudyResul
     if saved.is_file():  # the run's own settings describe its results; keep only where to write
         fields = {**json.loads(saved.read_text()), "report_dir": config.report_dir, "report_only": True}
         config = StudyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    record = out / "pretrain" / "pretrain.json"
-    pretrained = json.loads(record.read_text()) if record.is_file() else {}
+    order = CONVERGED_ARMS if config.protocol == "converged" else ARMS
     results = sorted(out.glob("runs/labeled-*/seed-*/*/result.json"))
     rows = sorted((json.loads(p.read_text()) for p in results),
-                  key=lambda r: (r["seed"], r["labeled"], ARMS.index(r["arm"])))  # fmt: skip
+                  key=lambda r: (r["seed"], r["labeled"], order.index(r["arm"])))  # fmt: skip
     if not rows:
         raise FileNotFoundError(f"{out}: no finished arms (runs/labeled-*/seed-*/*/result.json)")
-    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    arms = [a for a in order if any(r["arm"] == a for r in rows)]
+    if config.protocol == "converged":
+        from .study_converged import converged_outputs
+
+        rows, pretrained, files = converged_outputs(config, out, rows)
+        return StudyResult(rows, pretrained, files, time.perf_counter() - started)
+    record = out / "pretrain" / "pretrain.json"
+    pretrained = json.loads(record.read_text()) if record.is_file() else {}
     files = write_outputs(rows, pretrained, config, arms, Path(config.report_dir or out))
     return StudyResult(rows, pretrained, files, time.perf_counter() - started)
 
@@ -260,6 +395,28 @@ STUDY_HELP = {
     "cache_dir": "where to build the preprocessing cache of a raw dataset",
     "progress": "show progress bars",
     "report_only": "only rewrite tables, plots and report from the arms finished under OUT (trains nothing)",
+    "test_data": "a separate labeled dataset folder (or cache) every arm's selected model is also scored on; "
+    "never used for training, selection or preprocessing statistics",
+    "max_hours": "start no new arm (or pretraining) after this many hours; rerun the command to continue",
+    "protocol": "fixed (the fixed steps above) or converged (tuned, plateau-stopped arms, two pretraining "
+    "budgets, compute in steps/FLOPs/wall-clock; docs/study.md)",
+    "finetune_max_steps": "converged: the MAE arms' maximum fine-tuning steps (scratch adds the pretraining)",
+    "plateau_patience": "converged: stop when the last N validations gained no more than --plateau-min-delta",
+    "plateau_min_delta": "converged: validation Dice gain that counts as progress",
+    "plateau_min_steps": "converged: never stop on a plateau before this step",
+    "short_fraction": "converged: the short pretraining budget as a fraction of --pretrain-steps",
+    "flatten_tolerance": "converged: the long pretraining has flattened when its mean loss over the last "
+    "tenth of the steps is within this relative drop of the tenth before (reported)",
+    "encoder_stages": "converged: comma list of encoder stage counts (3 = total stride 8 in the small "
+    "config); several are chosen between on validation",
+    "mask_ratios": "converged: pretraining mask ratios chosen between on validation",
+    "tune_labeled": "converged: labeled count of the tuning runs",
+    "tune_seed": "converged: seed of the tuning runs (outside the study's seeds)",
+    "tune_lrs": "converged: MAE fine-tuning learning rates tried",
+    "tune_warmups": "converged: warmup steps tried (the first also for scratch)",
+    "tune_layer_decays": "converged: layer-wise lr decays tried for the MAE encoder",
+    "tune_freeze_steps": "converged: steps the MAE encoder stays frozen, tried",
+    "tune_scratch_lrs": "converged: scratch learning rates tried (as many as the MAE recipe search runs)",
 }
 
 
@@ -267,7 +424,8 @@ def cmd_study(args: argparse.Namespace) -> int:
     from ..cli_args import dataclass_from_args
 
     result = study(dataclass_from_args(StudyConfig, args))
-    print(f"study finished in {result.wall_time_s:.0f} s ({len(result.rows)} arm runs)")
+    done = "finished" if result.complete else "stopped by --max-hours (rerun to continue)"
+    print(f"study {done} in {result.wall_time_s:.0f} s ({len(result.rows)} arm runs)")
     for key, path in result.files.items():
         print(f"{key}: {path}")
     return 0

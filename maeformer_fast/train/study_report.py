@@ -6,6 +6,7 @@ import csv
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from ..data.io import atomic_write_text
 TABLE_FIELDS = [
     "arm", "labeled", "seed", "steps", "test_dice_1", "test_dice_2", "test_dice_mean", "test_hd95_1",
     "test_hd95_2", "test_hd95_mean", "best_val_dice", "best_step", "steps_to_95", "wall_time_s",
+    "ext_test_dice_1", "ext_test_dice_2", "ext_test_dice_mean", "max_steps", "pretrain_steps", "total_steps",
+    "total_gflops", "total_wall_s", "machine",
 ]  # fmt: skip
 COMPARISONS = (("mae", "scratch"), ("mae", "scratch_matched"))
 
@@ -60,7 +63,8 @@ def arm_summary(rows: list[dict]) -> list[dict[str, Any]]:
     for (labeled, arm), group in sorted(groups.items()):
         entry: dict[str, Any] = {"labeled": labeled, "arm": arm, "n_seeds": len(group)}
         for key in ("test_dice_1", "test_dice_2", "test_dice_mean", "test_hd95_mean", "best_val_dice",
-                    "steps_to_95", "wall_time_s"):  # fmt: skip
+                    "steps_to_95", "wall_time_s", "ext_test_dice_mean", "steps", "best_step", "total_steps",
+                    "total_gflops", "total_wall_s"):  # fmt: skip
             values = [r[key] for r in group if r.get(key) is not None and not math.isnan(r[key])]
             entry[key] = _mean_std(values) if values else (float("nan"), 0.0)
         summary.append(entry)
@@ -204,9 +208,13 @@ def markdown_report(rows: list[dict], pretrained: dict, config: Any, effects: li
 
 
 def write_outputs(
-    rows: list[dict], pretrained: dict, config: Any, arms: list[str], folder: Path
-) -> dict[str, Path]:
-    """results.csv / results.json / effects.json, the two PNG plots and report.md in ``folder``."""
+    rows: list[dict], pretrained: dict, config: Any, arms: list[str], folder: Path,
+    comparisons: tuple[tuple[str, str], ...] = COMPARISONS, metrics: tuple[str, ...] = ("test_dice_mean",),
+    report: Callable[[list[dict], dict, Any, list[dict]], str] | None = None,
+) -> dict[str, Path]:  # fmt: skip
+    """results.csv / results.json / effects.json, the two PNG plots and report.md in ``folder``:
+    paired effects of ``comparisons`` on each of ``metrics``, the report by ``report`` (default:
+    ``markdown_report``)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = {
         "table_csv": folder / "results.csv",
@@ -221,9 +229,10 @@ def write_outputs(
         writer.writeheader()
         writer.writerows(rows)
     atomic_write_text(files["table_json"], json.dumps({"pretrain": pretrained, "runs": rows}, indent=2))
-    effects = [e for a, b in COMPARISONS if a in arms and b in arms for e in paired_effects(rows, a, b)]
+    pairs = [(a, b) for a, b in comparisons if a in arms and b in arms]
+    effects = [{**e, "metric": m} for m in metrics for a, b in pairs for e in paired_effects(rows, a, b, m)]
     atomic_write_text(files["effects"], json.dumps(effects, indent=2))
     plot_test_dice(rows, arms, files["test_plot"])
     plot_curves(rows, arms, files["curve_plot"])
-    atomic_write_text(files["report"], markdown_report(rows, pretrained, config, effects))
+    atomic_write_text(files["report"], (report or markdown_report)(rows, pretrained, config, effects))
     return files

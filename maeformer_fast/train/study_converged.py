@@ -1,0 +1,490 @@
+"""The study at converged budgets (``maeformer study --protocol converged``): does MAE pretraining help
+nnFormer with few labels once every arm has converged, and at matched compute?
+
+Stages, each resumable (a finished run keeps its ``result.json`` / ``pretrain.json``) and each a
+point where ``--max-hours`` may stop the study cleanly:
+
+1. Pretext, chosen on validation Dice only: for every encoder layout (``encoder_stages``; 3 stages of
+   the small config = total stride 8 = 96 mask units on a 32x48x32 crop) and mask ratio
+   (``mask_ratios``), pretrain the short budget and fine-tune at ``tune_labeled`` cases, seed
+   ``tune_seed``; the best validation Dice picks the layout and mask ratio every arm then uses.
+2. Pretraining budgets on the non-test images: the long one (``pretrain_steps``) and the short one
+   (``short_fraction`` of it, the run of stage 1). The long one's flattening criterion: the mean
+   masked-unit loss over the last tenth of the steps is within ``flatten_tolerance`` (relative) of the
+   mean over the tenth before; the report says whether it held.
+3. Counted FLOPs of one sparse pretraining step and one fine-tuning step (``study_protocol.step_flops``)
+   convert pretraining into fine-tuning steps; scratch's maximum is the MAE maximum plus the
+   pretraining budget in whichever currency gives more steps.
+4. Recipes, chosen on validation Dice only: for the MAE encoder a coordinate search over lr, warmup,
+   layer-wise lr decay and encoder freezing (each knob in turn, the others at their best so far);
+   scratch tries as many learning rates (``tune_scratch_lrs``) as the MAE search ran recipes.
+5. Arms per seed and labeled count: ``mae`` (long pretraining), ``mae_short`` and ``scratch``, each
+   until its validation Dice has plateaued (``study_protocol.plateaued``: no gain above
+   ``plateau_min_delta`` over the last ``plateau_patience`` validations, not before
+   ``plateau_min_steps``) or its maximum, scored at its best-validation checkpoint on the test split
+   (and ``--test-data``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from ..data.cache import load_plan
+from ..data.io import atomic_write_text
+from ..models.config import get_config
+from .study import (
+    CONVERGED_ARMS,
+    ArmSpec,
+    Deadline,
+    StudyConfig,
+    StudyResult,
+    arm_folder,
+    arm_order,
+    parse_list,
+    run_arm,
+    run_pretraining,
+)
+from .study_protocol import (
+    best_within,
+    encoder_overrides,
+    mask_units,
+    matched_steps,
+    plateaued,
+    read_loss_curve,
+    scratch_max_steps,
+    step_flops,
+)
+from .study_report import arm_summary, write_outputs
+
+COMPARISONS = (("mae", "scratch"), ("mae_short", "scratch"), ("mae", "mae_short"))
+METRICS = ("test_dice_mean", "ext_test_dice_mean")
+
+
+class Stopped(Exception):
+    """``--max-hours`` passed: the study stops before its next run."""
+
+
+class Converged:
+    """The state of one converged study: settings, data, the deadline and the tuning record."""
+
+    def __init__(
+        self, config: StudyConfig, out: Path, cache: Path, data: Path, external: Any, deadline: Deadline
+    ) -> None:
+        self.config, self.out, self.cache, self.data = config, out, cache, data
+        self.external, self.deadline = external, deadline
+        self.crop = tuple(config.crop_size or get_config(config.model).crop_size)
+        self.stop = functools.partial(
+            plateaued,
+            patience=config.plateau_patience,
+            min_delta=config.plateau_min_delta,
+            min_steps=config.plateau_min_steps,
+        )
+        self.short_steps = max(1, round(config.pretrain_steps * config.short_fraction))
+        self.trials: list[dict] = []
+
+    def check(self) -> None:
+        if self.deadline.passed():
+            raise Stopped
+
+    def overrides(self, stages: int) -> dict:
+        return {**encoder_overrides(self.config.model, stages), **self.config.model_overrides}
+
+    def pretrain(self, stages: int, ratio: float, steps: int) -> dict:
+        folder = self.out / "pretrain" / f"stages-{stages}_mask-{ratio}_steps-{steps}"
+        if not (folder / "pretrain.json").is_file():
+            self.check()
+        return run_pretraining(self.config, folder, self.data, steps, self.overrides(stages), ratio)
+
+    def trial(self, stage: str, name: str, spec: ArmSpec, params: dict) -> float:
+        """One tuning run (validation only, never scored on test); returns its best validation Dice."""
+        folder = self.out / "tuning" / name
+        if not (folder / "result.json").is_file():
+            self.check()
+        row = run_arm(
+            self.config,
+            folder,
+            name.split("_")[0],
+            self.config.tune_labeled,
+            self.config.tune_seed,
+            self.cache,
+            spec,
+        )
+        self.trials.append(
+            {
+                "stage": stage,
+                "name": name,
+                **params,
+                "best_val_dice": row["best_val_dice"],
+                "best_step": row["best_step"],
+                "steps": row["steps"],
+                "wall_time_s": row["wall_time_s"],
+                "curve": row["curve"],
+            }
+        )
+        atomic_write_text(self.out / "tuning.json", json.dumps(self.trials, indent=2))
+        return row["best_val_dice"]
+
+
+def base_recipe(config: StudyConfig) -> dict:
+    """The recipe before tuning: the middle learning rate, the first of every other knob's values."""
+    lrs = parse_list(config.tune_lrs)
+    return {
+        "lr": lrs[len(lrs) // 2],
+        "warmup_steps": parse_list(config.tune_warmups, int)[0],
+        "layer_decay": parse_list(config.tune_layer_decays)[0],
+        "freeze_encoder_steps": parse_list(config.tune_freeze_steps, int)[0],
+    }
+
+
+def recipe_name(recipe: dict) -> str:
+    return (
+        f"lr-{recipe['lr']:g}_wu-{recipe['warmup_steps']}_ld-{recipe['layer_decay']:g}"
+        f"_fr-{recipe['freeze_encoder_steps']}"
+    )
+
+
+def choose_pretext(run: Converged) -> tuple[int, float]:
+    """(encoder stages, mask ratio) with the best validation Dice after the short pretraining."""
+    config = run.config
+    candidates = [
+        (s, r) for s in parse_list(config.encoder_stages, int) for r in parse_list(config.mask_ratios)
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    scores = {}
+    for stages, ratio in candidates:
+        encoder = run.pretrain(stages, ratio, run.short_steps)["encoder_path"]
+        recipe = {**base_recipe(config), "model_overrides": run.overrides(stages)}
+        spec = ArmSpec(encoder, config.finetune_max_steps, recipe, run.stop, evaluate_test=False)
+        scores[(stages, ratio)] = run.trial(
+            "pretext",
+            f"mae_pretext_stages-{stages}_mask-{ratio}",
+            spec,
+            {"encoder_stages": stages, "mask_ratio": ratio},
+        )
+    return max(candidates, key=lambda c: scores[c])  # ties: the first listed
+
+
+def tune_mae(run: Converged, encoder: str, overrides: dict) -> dict:
+    """Coordinate search of the MAE fine-tuning recipe on validation Dice; returns the best recipe."""
+    config = run.config
+    knobs = {
+        "lr": parse_list(config.tune_lrs),
+        "warmup_steps": parse_list(config.tune_warmups, int),
+        "layer_decay": parse_list(config.tune_layer_decays),
+        "freeze_encoder_steps": parse_list(config.tune_freeze_steps, int),
+    }
+    best, scores = base_recipe(config), {}
+    for knob, values in knobs.items():
+        for value in values:
+            recipe = {**best, knob: value}
+            name = recipe_name(recipe)
+            if name not in scores:
+                spec = ArmSpec(
+                    encoder,
+                    config.finetune_max_steps,
+                    {**recipe, "model_overrides": overrides},
+                    run.stop,
+                    evaluate_test=False,
+                )
+                scores[name] = (run.trial("mae_recipe", f"mae_{name}", spec, recipe), recipe)
+        best = max(scores.values(), key=lambda item: item[0])[1]
+    return best
+
+
+def tune_scratch(run: Converged, max_steps: int, overrides: dict, warmup: int) -> float:
+    """The scratch learning rate with the best validation Dice."""
+    scores = {}
+    for lr in parse_list(run.config.tune_scratch_lrs):
+        spec = ArmSpec(
+            None,
+            max_steps,
+            {"lr": lr, "warmup_steps": warmup, "model_overrides": overrides},
+            run.stop,
+            evaluate_test=False,
+        )
+        scores[lr] = run.trial("scratch_lr", f"scratch_lr-{lr:g}", spec, {"lr": lr})
+    return max(scores, key=scores.get)
+
+
+def count_flops(run: Converged, stages: int, ratio: float) -> dict:
+    """Counted FLOPs per step of the chosen layout (cached in ``OUT/flops.json``)."""
+    path = run.out / "flops.json"
+    key = f"stages-{stages}_mask-{ratio}"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in saved:
+        plan = load_plan(run.cache)
+        args = (
+            run.config.model,
+            run.overrides(stages),
+            run.crop,
+            run.config.batch_size,
+            plan["num_channels"],
+            plan["num_classes"],
+        )
+        saved[key] = {
+            "pretrain_step": step_flops(*args, mask_ratio=ratio),
+            "finetune_step": step_flops(*args, mask_ratio=None),
+            "batch_size": run.config.batch_size,
+            "crop": list(run.crop),
+            "counted_on": "cpu (torch.utils.flop_counter)",
+        }
+        atomic_write_text(path, json.dumps(saved, indent=2))
+    return saved[key]
+
+
+def run_converged(
+    config: StudyConfig,
+    out: Path,
+    cache: Path,
+    data: Path,
+    counts: list[int | None],
+    external: Any,
+    deadline: Deadline,
+    started: float,
+) -> StudyResult:
+    """Run (or resume) the converged study's stages (module docstring) and write its report."""
+    run = Converged(config, out, cache, data, external, deadline)
+    rows: list[dict] = []
+    complete = False
+    try:
+        stages, ratio = choose_pretext(run)
+        overrides = run.overrides(stages)
+        long = run.pretrain(stages, ratio, config.pretrain_steps)
+        short = run.pretrain(stages, ratio, run.short_steps)
+        flops = count_flops(run, stages, ratio)
+        scratch_max = scratch_max_steps(
+            config.finetune_max_steps, config.pretrain_steps, flops["pretrain_step"], flops["finetune_step"]
+        )
+        recipe = tune_mae(run, long["encoder_path"], overrides)
+        scratch_lr = tune_scratch(run, scratch_max, overrides, recipe["warmup_steps"])
+        atomic_write_text(
+            out / "choices.json",
+            json.dumps(
+                {
+                    "encoder_stages": stages,
+                    "mask_ratio": ratio,
+                    "mask_units": mask_units(config.model, overrides, run.crop),
+                    "mae_recipe": recipe,
+                    "scratch_lr": scratch_lr,
+                    "scratch_max_steps": scratch_max,
+                    "short_steps": run.short_steps,
+                },
+                indent=2,
+            ),
+        )
+        specs = {
+            "mae": ArmSpec(
+                long["encoder_path"],
+                config.finetune_max_steps,
+                {**recipe, "model_overrides": overrides},
+                run.stop,
+            ),
+            "mae_short": ArmSpec(
+                short["encoder_path"],
+                config.finetune_max_steps,
+                {**recipe, "model_overrides": overrides},
+                run.stop,
+            ),
+            "scratch": ArmSpec(
+                None,
+                scratch_max,
+                {"lr": scratch_lr, "warmup_steps": recipe["warmup_steps"], "model_overrides": overrides},
+                run.stop,
+            ),
+        }
+        for seed, labeled, arm in arm_order(config.seeds, counts, list(CONVERGED_ARMS)):
+            folder = arm_folder(out, labeled, seed, arm)
+            if not (folder / "result.json").is_file():
+                run.check()
+            rows.append(run_arm(config, folder, arm, labeled, seed, cache, specs[arm], external))
+        complete = True
+    except Stopped:
+        pass
+    rows, pretrained, files = converged_outputs(config, out, rows) if rows else ([], {}, {})
+    return StudyResult(rows, pretrained, files, time.perf_counter() - started, complete)
+
+
+def with_compute(rows: list[dict], pretrained: dict, flops: dict) -> list[dict]:
+    """Rows with each arm's compute in three currencies, pretraining included: optimizer steps,
+    counted GFLOPs and wall-clock seconds; and, for scratch, its best validation Dice within each MAE
+    arm's total in steps and in FLOPs (``scratch_val_within_<arm>_steps`` / ``_flops``)."""
+    out = []
+    for row in rows:
+        pre = pretrained.get(row["arm"], {"steps": 0, "wall_time_s": 0.0})
+        pre_flops = pre["steps"] * flops["pretrain_step"]
+        out.append(
+            {
+                **row,
+                "pretrain_steps": pre["steps"],
+                "total_steps": pre["steps"] + row["steps"],
+                "total_gflops": (pre_flops + row["steps"] * flops["finetune_step"]) / 1e9,
+                "total_wall_s": pre["wall_time_s"] + row["wall_time_s"],
+            }
+        )
+    by_key = {(r["arm"], r["labeled"], r["seed"]): r for r in out}
+    for row in out:
+        if row["arm"] != "scratch":
+            continue
+        for arm in ("mae", "mae_short"):
+            mae = by_key.get((arm, row["labeled"], row["seed"]))
+            if mae is not None:
+                row[f"scratch_val_within_{arm}_steps"] = best_within(row["curve"], mae["total_steps"])
+                budget = matched_steps(mae["total_gflops"] * 1e9, flops["finetune_step"])
+                row[f"scratch_val_within_{arm}_flops"] = best_within(row["curve"], budget)
+    return out
+
+
+def plot_pretraining(records: dict[str, dict], path: Path) -> None:
+    """Masked-unit loss vs step of each pretraining run (both budgets and the pretext trials)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, record in records.items():
+        steps, losses = read_loss_curve(Path(record["encoder_path"]).parent / "pretrain_log.csv")
+        ax.plot(steps, losses, label=name, lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("pretraining step")
+    ax.set_ylabel("masked-unit loss (norm-pix)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def converged_outputs(
+    config: StudyConfig, out: Path, rows: list[dict]
+) -> tuple[list[dict], dict, dict[str, Path]]:
+    """The report of the finished arms: tables, effects, plots (Dice, curves, pretraining loss) and
+    report.md in ``report_dir``; returns (rows with compute, pretraining records by arm, files)."""
+    choices = json.loads((out / "choices.json").read_text())
+    folder = f"stages-{choices['encoder_stages']}_mask-{choices['mask_ratio']}"
+    flops = json.loads((out / "flops.json").read_text())[folder]
+    records = {p.parent.name: json.loads(p.read_text()) for p in sorted(out.glob("pretrain/*/pretrain.json"))}
+    pretrained = {
+        "mae": records[f"{folder}_steps-{config.pretrain_steps}"],
+        "mae_short": records[f"{folder}_steps-{choices['short_steps']}"],
+    }
+    rows = with_compute(rows, pretrained, flops)
+    trials = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").is_file() else []
+    context = {"choices": choices, "flops": flops, "pretraining": records, "tuning": trials}
+    report_dir = Path(config.report_dir or out)
+    arms = [a for a in CONVERGED_ARMS if any(r["arm"] == a for r in rows)]
+    report = functools.partial(converged_report, context=context)
+    files = write_outputs(rows, pretrained, config, arms, report_dir, COMPARISONS, METRICS, report)
+    files["pretrain_plot"] = report_dir / "pretrain_loss.png"
+    plot_pretraining(records, files["pretrain_plot"])
+    files["record"] = report_dir / "study_record.json"  # choices, FLOPs, pretraining runs, tuning trials
+    atomic_write_text(files["record"], json.dumps(context, indent=2))
+    return rows, pretrained, files
+
+
+def _cell(pair: tuple[float, float], digits: int = 3) -> str:
+    mean, std = pair
+    if mean != mean:  # nan: no value
+        return "n/a"
+    return f"{mean:.{digits}f}" if std != std else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def converged_report(
+    rows: list[dict], pretrained: dict, config: StudyConfig, effects: list[dict], context: dict
+) -> str:
+    """report.md of the converged study: protocol, choices, pretraining, arms, effects, compute."""
+    choices, flops = context["choices"], context["flops"]
+    lines = [
+        "# The study at converged budgets: MAE (long, short pretraining) vs scratch",
+        "",
+        f"Model `{config.model}` with {choices['encoder_stages']} encoder stages "
+        f"({choices['mask_units']} mask units per {'x'.join(map(str, flops['crop']))} crop), "
+        f"mask ratio {choices['mask_ratio']}, batch {config.batch_size}. Every arm trains until its "
+        f"validation Dice has plateaued (no gain above {config.plateau_min_delta} over the last "
+        f"{config.plateau_patience} validations, every {config.val_every} steps, not before step "
+        f"{config.plateau_min_steps}) or its maximum (MAE arms {config.finetune_max_steps}, scratch "
+        f"{choices['scratch_max_steps']}), scored at its best-validation checkpoint.",
+        "",
+        "## Choices (validation Dice only)",
+        "",
+        f"MAE recipe {choices['mae_recipe']}; scratch lr {choices['scratch_lr']}. Trials (labeled "
+        f"{config.tune_labeled}, seed {config.tune_seed}):",
+        "",
+        "| stage | run | best val Dice | at step | steps run |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {t['stage']} | {t['name']} | {t['best_val_dice']:.4f} | {t['best_step']} | {t['steps']} |"
+            for t in context["tuning"]
+        ),
+        "",
+        "## Pretraining (non-test images; curves: `pretrain_loss.png`)",
+        "",
+        "Flattened = the mean loss over the last tenth of the steps is within "
+        f"{config.flatten_tolerance:.1%} of the mean over the tenth before.",
+        "",
+        "| run | steps | final loss | relative drop, last tenth | flattened | wall (s) | machine |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, r in context["pretraining"].items():
+        drop = r["flattening"]["relative_drop"]
+        lines.append(
+            f"| {name} | {r['steps']} | {r['final_loss']:.4f} | {drop:.4f} | "
+            f"{'yes' if drop <= config.flatten_tolerance else 'no'} | {r['wall_time_s']:.0f} | "
+            f"{r.get('machine', '?')} |"
+        )
+    lines += [
+        "",
+        f"Counted FLOPs per step ({flops['counted_on']}, batch {flops['batch_size']}): sparse pretraining "
+        f"{flops['pretrain_step'] / 1e9:.3f} GFLOPs, fine-tuning {flops['finetune_step'] / 1e9:.3f} GFLOPs.",
+        "",
+        "## Arms (mean ± std over seeds)",
+        "",
+        "| labeled | arm | seeds | test Dice | external test Dice | best val Dice | best step | steps run "
+        "| steps to 95% | total steps | total GFLOPs | total wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in arm_summary(rows):
+        lines.append(
+            f"| {s['labeled']} | {s['arm']} | {s['n_seeds']} | {_cell(s['test_dice_mean'])} | "
+            f"{_cell(s['ext_test_dice_mean'])} | {_cell(s['best_val_dice'])} | {_cell(s['best_step'], 0)} | "
+            f"{_cell(s['steps'], 0)} | {_cell(s['steps_to_95'], 0)} | {_cell(s['total_steps'], 0)} | "
+            f"{_cell(s['total_gflops'], 1)} | {_cell(s['total_wall_s'], 0)} |"
+        )
+    lines += [
+        "",
+        "Totals include each arm's pretraining (steps, counted FLOPs, wall-clock on the machine in "
+        "results.csv); validation and test scoring are in the wall-clock, not in the FLOPs.",
+        "",
+        "## Paired differences (bootstrap 95% intervals over seeds)",
+        "",
+        "| metric | comparison | labeled | seeds | mean difference | 95% interval | seeds won |",
+        "|---|---|---|---|---|---|---|",
+        *(
+            f"| {e['metric']} | {e['comparison']} | {e['labeled']} | {e['n_seeds']} | "
+            f"{e['mean_diff']:+.4f} | [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}] | "
+            f"{e['wins']}/{e['n_seeds']} |"
+            for e in effects
+        ),
+        "",
+        "## Scratch at the MAE arms' compute (validation Dice, from its curve)",
+        "",
+        "| labeled | seed | scratch best val | within mae steps | within mae FLOPs | within mae_short "
+        "steps | within mae_short FLOPs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in (r for r in rows if r["arm"] == "scratch"):
+        cells = [
+            r.get(f"scratch_val_within_{a}_{c}") for a in ("mae", "mae_short") for c in ("steps", "flops")
+        ]
+        lines.append(
+            f"| {r['labeled']} | {r['seed']} | {r['best_val_dice']:.4f} | "
+            + " | ".join("n/a" if v is None else f"{v:.4f}" for v in cells)
+            + " |"
+        )
+    lines += ["", "Plots: `test_dice_vs_labeled.png`, `val_dice_vs_step.png`, `pretrain_loss.png`.", ""]
+    return "\n".join(lines)

@@ -1,0 +1,183 @@
+"""The converged study protocol: plateau criterion, FLOP-matched budgets, bootstrap intervals, and the
+whole ``--protocol converged`` command at tiny scale (tuning, two pretraining budgets, plateau-stopped
+arms, ``--test-data``, ``--max-hours`` chunks resumed by arm)."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from maeformer_fast.data import ensure_preprocessed, make_phantoms
+from maeformer_fast.models import get_config
+from maeformer_fast.models.nnformer import NNFormer
+from maeformer_fast.models.pretrained import load_segmenter
+from maeformer_fast.train import study as study_module
+from maeformer_fast.train.finetune import FinetuneConfig, finetune
+from maeformer_fast.train.study import StudyConfig, study
+from maeformer_fast.train.study_converged import with_compute
+from maeformer_fast.train.study_protocol import (
+    matched_steps,
+    plateaued,
+    scratch_max_steps,
+    step_flops,
+)
+from maeformer_fast.train.study_report import paired_effects
+
+from .test_study import recomputed_test_dice
+
+
+def curve(*dice: float, every: int = 100) -> list[tuple[int, float]]:
+    return [(every * (i + 1), d) for i, d in enumerate(dice)]
+
+
+def test_plateau_criterion_on_hand_worked_curves():
+    """Catches a plateau measured against the last Dice before the window instead of the best one
+    (tried: ``before = curve[-patience - 1][1]``: the dip-and-recovery curve then counts as progress),
+    and a gain of exactly the tolerance's size counted as progress (tried: ``<`` for ``<=``: the
+    return to an earlier best with tolerance 0 then counts as progress)."""
+    rule = {"patience": 3, "min_delta": 0.005}
+    assert plateaued(curve(0.10, 0.50, 0.600, 0.603, 0.604, 0.602), **rule)  # best 0.604 <= 0.600 + 0.005
+    assert not plateaued(curve(0.10, 0.50, 0.600, 0.603, 0.604, 0.606), **rule)  # 0.606 > 0.605
+    assert plateaued(curve(0.5, 0.7, 0.6, 0.62, 0.64, 0.66), **rule)  # recovering below the earlier best
+    assert plateaued(curve(0.5, 0.75, 0.5, 0.5, 0.75), patience=3, min_delta=0.0)  # 0.75 <= 0.75 + 0
+    assert not plateaued(curve(0.6, 0.6, 0.6), **rule)  # three validations: nothing before the window
+    assert plateaued(curve(0.0, 0.0, 0.0, 0.0), **rule)
+    assert not plateaued(curve(0.0, 0.0, 0.0, 0.0), **rule, min_steps=500)  # step 400: too early
+
+
+def test_flop_matched_budget_arithmetic():
+    """Catches scratch's maximum taken in the cheaper currency (tried: ``min`` for ``max`` in
+    ``scratch_max_steps``: 1,120 steps, cutting scratch short) and a FLOP budget priced with the wrong
+    step (tried: ``with_compute`` charging pretraining steps at the fine-tuning step's FLOPs)."""
+    # 400 sparse pretraining steps at 3 GFLOPs = 120 fine-tuning steps at 10 GFLOPs: steps give more.
+    assert scratch_max_steps(1000, 400, 3 * 10**9, 10 * 10**9) == 1000 + 400
+    # A pretraining step dearer than a fine-tuning step: 400 x 30 / 10 = 1,200 fine-tuning steps.
+    assert scratch_max_steps(1000, 400, 30 * 10**9, 10 * 10**9) == 1000 + 1200
+    assert scratch_max_steps(1000, 1, 25, 10) == 1000 + 3  # part of a step is a whole step more
+    assert matched_steps(55e9, 10 * 10**9) == 5
+    # MAE: 400 pretraining steps (2 GFLOPs, 100 s) + 300 fine-tuning steps (10 GFLOPs, 10 s):
+    # 700 steps, 800 + 3000 = 3800 GFLOPs = 380 fine-tuning steps' worth, 110 s.
+    flops = {"pretrain_step": 2 * 10**9, "finetune_step": 10 * 10**9}
+    pretrained = {"mae": {"steps": 400, "wall_time_s": 100.0}}
+    scratch_curve = [(100, 0.5), (380, 0.7), (700, 0.8), (900, 0.9)]
+    rows = [
+        {"arm": "mae", "labeled": 2, "seed": 0, "steps": 300, "wall_time_s": 10.0, "curve": []},
+        {
+            "arm": "scratch",
+            "labeled": 2,
+            "seed": 0,
+            "steps": 900,
+            "wall_time_s": 30.0,
+            "curve": scratch_curve,
+        },
+    ]
+    mae, scratch = with_compute(rows, pretrained, flops)
+    assert (mae["total_steps"], mae["total_gflops"], mae["total_wall_s"]) == (700, 3800.0, 110.0)
+    assert (scratch["total_steps"], scratch["total_gflops"], scratch["total_wall_s"]) == (900, 9000.0, 30.0)
+    assert scratch["scratch_val_within_mae_steps"] == 0.8
+    assert scratch["scratch_val_within_mae_flops"] == 0.7
+
+
+def test_counted_step_flops_follow_the_visible_share():
+    """Catches a FLOP count that ignores the mask ratio (tried: ``random_unit_mask(..., 0.0)`` in
+    ``step_flops``, every unit visible): the sparse step must cost less the more it masks, and less
+    than a dense fine-tuning step."""
+    tiny = {"embed_dim": 8, "num_heads": (1, 1, 2), "depths": (1, 1, 1), "window_sizes": ((4, 4, 4),) * 3}
+    args = ("small", tiny, (32, 48, 32), 1, 1, 3)
+    sparse_75, sparse_50 = step_flops(*args, mask_ratio=0.75), step_flops(*args, mask_ratio=0.5)
+    finetune = step_flops(*args, mask_ratio=None)
+    assert 0 < sparse_75 < sparse_50 < finetune
+
+
+def test_bootstrap_interval_against_hand_worked_and_enumerated_cases():
+    """Catches an unpaired bootstrap (tried: resampling the two arms' seeds independently) and a
+    90% interval (tried: percentiles 5 and 95): with 3 seeds the exact 95% percentile interval is
+    [min, max] of the differences (each extreme has bootstrap probability 1/27 > 2.5%), and with 5
+    seeds the Monte Carlo interval matches the one from all 5^5 resamples."""
+    a, b = [0.80, 0.85, 0.70], [0.79, 0.80, 0.72]  # differences +0.01, +0.05, -0.02
+    rows = [{"arm": arm, "labeled": 2, "seed": s, "test_dice_mean": v}
+            for arm, values in (("mae", a), ("scratch", b)) for s, v in enumerate(values)]  # fmt: skip
+    (effect,) = paired_effects(rows, "mae", "scratch")
+    assert effect["mean_diff"] == pytest.approx(0.04 / 3)
+    assert (effect["ci_low"], effect["ci_high"]) == pytest.approx((-0.02, 0.05))
+
+    diffs = np.array([0.03, -0.01, 0.08, 0.02, 0.00])
+    rows = [{"arm": "mae", "labeled": 4, "seed": s, "test_dice_mean": 0.7 + d} for s, d in enumerate(diffs)]
+    rows += [{"arm": "scratch", "labeled": 4, "seed": s, "test_dice_mean": 0.7} for s in range(5)]
+    (effect,) = paired_effects(rows, "mae", "scratch")
+    means = [diffs[list(i)].mean() for i in itertools.product(range(5), repeat=5)]
+    exact = np.percentile(means, [2.5, 97.5], method="inverted_cdf")
+    assert (effect["ci_low"], effect["ci_high"]) == pytest.approx(tuple(exact), abs=0.004)
+
+
+def test_finetune_stop_rule_and_encoder_freezing(phantom_cache, tmp_path):
+    """Catches a frozen encoder that still trains (tried: the ``requires_grad_`` line in ``finetune``
+    removed) and a stop rule that is not obeyed (tried: the ``break`` after ``stop(curve)`` removed)."""
+    tiny = {"embed_dim": 8, "num_heads": (1, 1, 2, 2), "depths": (1, 1, 1, 1)}
+    config = FinetuneConfig(
+        data=str(phantom_cache), out=str(tmp_path / "ft"), labeled=2, steps=4, val_every=1, max_val_cases=1,
+        num_workers=0, progress=False, evaluate_test=False, freeze_encoder_steps=3, model_overrides=tiny,
+        val_fraction=0.1, test_fraction=0.1,
+    )  # fmt: skip
+    result = finetune(config, stop=lambda curve: curve[-1][0] >= 3)
+    assert [step for step, _ in result.curve] == [1, 2, 3]
+    trained = load_segmenter(result.last_path)[0].state_dict()
+    torch.manual_seed(config.seed)  # the initial weights, as finetune draws them
+    start = NNFormer(get_config("small", in_channels=1, num_classes=3, **tiny)).state_dict()
+    encoder = [k for k in start if k.startswith("encoder.")]
+    others = [k for k in start if not k.startswith("encoder.") and start[k].is_floating_point()]
+    assert all(torch.equal(trained[k], start[k]) for k in encoder)
+    assert not all(torch.equal(trained[k], start[k]) for k in others)
+
+
+def test_converged_study_chunks_resume_and_external_test(phantom_cache, tmp_path, capsys, monkeypatch):
+    """Catches an arm retrained after a chunk boundary (tried: ``run_arm`` ignoring a finished
+    ``result.json``), an external score from the wrong model or cases (tried: ``score_external``
+    scoring ``last.safetensors``, and the training cache's cases of the same ids) and scratch capped at
+    the MAE arms' maximum (tried: ``scratch_max = config.finetune_max_steps``)."""
+    external = ensure_preprocessed(
+        make_phantoms(tmp_path / "Elsewhere", num_labeled=2, num_unlabeled=0, shape=(40, 56, 48), seed=7),
+        tmp_path / "elsewhere_cache",
+    )
+    config = StudyConfig(
+        data=str(phantom_cache), out=str(tmp_path / "study"), protocol="converged", labeled="1", seeds=1,
+        pretrain_steps=4, short_fraction=0.5, finetune_max_steps=3, val_every=1, max_val_cases=1,
+        plateau_patience=1, plateau_min_delta=1.0, plateau_min_steps=2, num_workers=0, val_fraction=0.1,
+        test_fraction=0.1, encoder_stages="3", mask_ratios="0.6,0.75", tune_labeled=1, tune_lrs="1e-3",
+        tune_warmups="1", tune_layer_decays="1.0", tune_freeze_steps="0,1", tune_scratch_lrs="1e-3,2e-3",
+        test_data=str(external), max_hours=1.0, model_overrides={"embed_dim": 8},
+    )  # fmt: skip
+    # A chunk boundary after 11 runs (3 pretrainings, 6 tuning runs, 2 arms): the third arm is cut.
+    calls = iter(range(1000))
+    monkeypatch.setattr(study_module.Deadline, "passed", lambda self: next(calls) >= 11)
+    first = study(config)
+    assert not first.complete and [r["arm"] for r in first.rows] == ["mae", "mae_short"]
+    monkeypatch.undo()
+    capsys.readouterr()
+    result = study(config)
+    printed = capsys.readouterr().out
+    assert result.complete and [r["arm"] for r in result.rows] == ["mae", "mae_short", "scratch"]
+    assert printed.count(" ...\n") == 1 and "seed-0/scratch ..." in printed  # only the cut arm ran
+    assert result.rows[:2] == first.rows
+
+    out = tmp_path / "study"
+    choices = json.loads((out / "choices.json").read_text())
+    assert choices["mask_units"] == 96 and choices["short_steps"] == 2
+    assert choices["scratch_max_steps"] == 3 + 4  # MAE maximum + pretraining steps (cheaper in FLOPs)
+    trials = json.loads((out / "tuning.json").read_text())
+    assert [t["stage"] for t in trials] == ["pretext"] * 2 + ["mae_recipe"] * 2 + ["scratch_lr"] * 2
+    for row in result.rows:  # plateau (any gain <= 1.0) at step 2, the earliest the rule allows
+        assert row["steps"] == 2 and row["max_steps"] == (7 if row["arm"] == "scratch" else 3)
+        folder = out / "runs" / "labeled-1" / "seed-0" / row["arm"]
+        cases = ["phantom_000", "phantom_001"]
+        assert row["ext_test_cases"] == 2
+        assert row["ext_test_dice_mean"] == pytest.approx(
+            recomputed_test_dice(folder, external, cases), abs=1e-9
+        )
+    assert result.rows[0]["pretrain_steps"] == 4 and result.rows[1]["pretrain_steps"] == 2
+    for name in ("report", "pretrain_plot", "record", "effects"):
+        assert result.files[name].is_file()
+    report = result.files["report"].read_text()
+    assert "mae_short - scratch" in report and "ext_test_dice_mean" in report
