@@ -432,10 +432,16 @@ def converged_report(
     ]
     for name, r in context["pretraining"].items():
         drop = r["flattening"]["relative_drop"]
+        flat = (
+            "n/a (too few logged steps)"
+            if drop != drop
+            else "yes"
+            if drop <= config.flatten_tolerance
+            else "no"
+        )
         lines.append(
-            f"| {name} | {r['steps']} | {r['final_loss']:.4f} | {drop:.4f} | "
-            f"{'yes' if drop <= config.flatten_tolerance else 'no'} | {r['wall_time_s']:.0f} | "
-            f"{r.get('machine', '?')} |"
+            f"| {name} | {r['steps']} | {r['final_loss']:.4f} | {drop:.4f} | {flat} | "
+            f"{r['wall_time_s']:.0f} | {r.get('machine', '?')} |"
         )
     lines += [
         "",

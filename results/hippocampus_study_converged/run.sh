@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The study at converged budgets (issue 17) on Task04_Hippocampus, for a GPU session.
+# Rerun the whole script to resume: every finished pretraining, tuning run and arm is kept (its
+# pretrain.json / result.json), an interrupted one continues from its last checkpoint, and each call
+# starts no new run after HOURS hours (default 1.8), so the study runs in chunks of about two hours.
+# Commit results/hippocampus_study_converged/ after each chunk.
+set -euo pipefail
+DATA=${DATA:-../shared/data/Task04_Hippocampus}
+OUT=${OUT:-runs/hippocampus_study_converged}
+REPORT=results/hippocampus_study_converged
+HOURS=${HOURS:-1.8}
+# An external labeled folder to score every arm's selected model on as well (optional).
+EXTRA=(${TEST_DATA:+--test-data "$TEST_DATA"})
+COMMON=(--protocol converged --data "$DATA" --out "$OUT" --seeds 5
+        --pretrain-steps 20000 --short-fraction 0.1 --flatten-tolerance 0.01
+        --finetune-max-steps 4000 --val-every 100 --max-val-cases 10
+        --plateau-patience 10 --plateau-min-delta 0.005 --plateau-min-steps 1000
+        --encoder-stages 3 --mask-ratios 0.6,0.75 --tune-labeled 2 --tune-seed 100
+        --tune-lrs 3e-4,1e-3,3e-3 --tune-warmups 100,1000 --tune-layer-decays 1.0,0.75
+        --tune-freeze-steps 0,500 --tune-scratch-lrs 2e-4,5e-4,1e-3,2e-3,3e-3,5e-3
+        --precision fp32 --num-workers 2 --max-hours "$HOURS" --no-progress "${EXTRA[@]}")
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/machine.txt" || true
+
+# 1. Pretext choice (mask ratio 0.6 vs 0.75 on the 3-stage encoder, short pretraining), the long and
+#    short pretraining, counted FLOPs, MAE recipe and scratch-lr tuning: validation only, no arms yet.
+maeformer study "${COMMON[@]}" --labeled 2 --seeds 0 --report-dir "$OUT/report-tuning" \
+    2>&1 | tee -a "$OUT/stage1.log"
+if [ ! -f "$OUT/choices.json" ]; then
+    echo "tuning not finished (--max-hours): rerun this script" >&2
+    exit 75
+fi
+
+# 2. The arms (mae, mae_short, scratch x 5 seeds), one process per labeled count side by side on the
+#    one GPU; they share only the finished pretraining and tuning runs.
+for K in 1 2 4 8 16 all; do
+    maeformer study "${COMMON[@]}" --labeled "$K" --report-dir "$OUT/report-$K" \
+        >> "$OUT/arms-$K.log" 2>&1 &
+done
+wait
+
+# 3. Tables, effects, plots and report.md over every finished arm (partial results included).
+maeformer study --data "$DATA" --out "$OUT" --report-only --report-dir "$REPORT"
+cp "$OUT"/machine.txt "$OUT"/stage1.log "$OUT"/arms-*.log "$REPORT"/ 2>/dev/null || true
