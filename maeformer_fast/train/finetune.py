@@ -22,7 +22,7 @@ from .evaluation import score_cases, summarise
 from .loop import Optimisation, RunConfig, prepare_model, setup_run
 from .losses import deep_supervision_loss
 from .optim import make_optimizer, make_scheduler, param_groups, poly, warmup_cosine
-from .runtime import CsvLog, autocast, check_finite, derive_seed, resolve_compile
+from .runtime import CsvLog, PendingLosses, autocast, derive_seed, resolve_compile
 from .splits import make_splits
 
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 1e-3, "weight_decay": 0.01}, "sgd": {"lr": 1e-2, "weight_decay": 3e-5}}
@@ -198,29 +198,39 @@ def finetune(
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="finetune",
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
     done = start_step
+    # Losses stay on the device until a validation or checkpoint step reads them all at once (one
+    # host wait per read, not per step); ``rows`` keeps the other log fields of those steps.
+    pending = PendingLosses(dist_info.rank if dist_info.enabled else None)
+    rows: list[dict[str, str]] = []
     for step in bar:
         if config.freeze_encoder_steps:  # no gradient: AdamW/SGD leave weights and moments untouched
             model.encoder.requires_grad_(step >= config.freeze_encoder_steps)
         local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
-        mean_loss = mean_across_ranks(local_loss, dist_info)
-        loss_value = mean_loss.item()  # the step's one host read, before the optimizer step is queued
-        check_finite(loss_value, step, case_ids, dist_info.rank if dist_info.enabled else None, local_loss)
+        pending.add(step, mean_across_ranks(local_loss, dist_info), local_loss, case_ids)
+        rows.append({"step": step + 1, "lr": f"{optimisation.lr:.3e}"})  # before the schedule steps
         optimisation.step()
+        rows[-1]["elapsed_s"] = f"{time.perf_counter() - started:.2f}"
         done = step + 1
-        bar.set_postfix(loss=f"{loss_value:.4f}", best_dice=f"{max(best['dice'], 0):.3f}")
+        validate_now = done % config.val_every == 0 or done == config.steps
+        save_now = done % config.checkpoint_every == 0 or done == config.steps
+        if not (validate_now or save_now):
+            continue
+        losses = pending.read()  # every rank reads at the same steps: a NaN stops them together
+        logged, rows = rows, []
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", best_dice=f"{max(best['dice'], 0):.3f}")
         if not dist_info.is_main:
             continue
         val_dice = None
-        if done % config.val_every == 0 or done == config.steps:
+        if validate_now:
             val_dice = validate(done)
             curve.append((done, val_dice))
             if val_dice > best["dice"]:
                 best = {"dice": val_dice, "step": done}
                 save_segmenter(model_path, model, plan, {**info, "step": done, "val_dice": val_dice})
-        log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{optimisation.lr:.3e}",
-                  val_dice="" if val_dice is None else f"{val_dice:.4f}",
-                  elapsed_s=f"{time.perf_counter() - started:.2f}")  # fmt: skip
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        logged[-1]["val_dice"] = "" if val_dice is None else f"{val_dice:.4f}"
+        for row, loss_value in zip(logged, losses):
+            log.write(**{"val_dice": "", **row, "loss": f"{loss_value:.6f}"})
+        if save_now:
             meta = {"kind": "finetune", "best": best, "curve": curve,
                     "elapsed_s": time.perf_counter() - started}  # fmt: skip
             optimisation.save(checkpoints, done, config, meta)

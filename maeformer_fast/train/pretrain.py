@@ -23,8 +23,8 @@ from .optim import make_optimizer, make_scheduler, param_groups, warmup_cosine
 from .previews import save_reconstruction_png
 from .runtime import (
     CsvLog,
+    PendingLosses,
     autocast,
-    check_finite,
     derive_seed,
     resolve_compile,
 )
@@ -169,31 +169,30 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     started = time.perf_counter()
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="pretrain",
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
+    pending = PendingLosses(dist_info.rank if dist_info.enabled else None)
     for step in bar:
         local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
-        mean_loss = mean_across_ranks(local_loss, dist_info)
-        rank = dist_info.rank if dist_info.enabled else None
-        # The step's one host read, before the optimizer step is queued: the host then prepares the
-        # next batch while the GPU updates the weights.
-        loss_value = mean_loss.item()
-        check_finite(loss_value, step, current["case_ids"], rank, local_loss)
+        pending.add(step, mean_across_ranks(local_loss, dist_info), local_loss, current["case_ids"])
         optimisation.step()
 
         done = step + 1
-        losses.append(loss_value)
+        log_now = done % config.log_every == 0 or done == config.steps
+        save_now = done % config.checkpoint_every == 0 or done == config.steps
+        if log_now or save_now:  # every rank reads at the same steps: a NaN stops them together
+            losses += pending.read()
         if dist_info.is_main:
-            session_s = time.perf_counter() - started
-            samples = config.batch_size * micro_steps * dist_info.world_size * (done - start_step)
-            voxels = math.prod(crop) * samples
-            bar.set_postfix(loss=f"{loss_value:.4f}", vox_s=f"{voxels / session_s:,.0f}")
-            if done % config.log_every == 0 or done == config.steps:
-                log.write(step=done, loss=f"{loss_value:.6f}", lr=f"{optimisation.lr:.3e}",
+            if log_now:
+                session_s = time.perf_counter() - started
+                samples = config.batch_size * micro_steps * dist_info.world_size * (done - start_step)
+                voxels = math.prod(crop) * samples
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", vox_s=f"{voxels / session_s:,.0f}")
+                log.write(step=done, loss=f"{losses[-1]:.6f}", lr=f"{optimisation.lr:.3e}",
                           voxels_per_s=f"{voxels / session_s:.1f}",
                           elapsed_s=f"{earlier_s + session_s:.2f}")  # fmt: skip
             if done % config.preview_every == 0 or done == config.steps:
                 save_preview(out / "previews" / f"step-{done:07d}.png", model, current["images"],
                              current["visible_ids"], current["prediction"])  # fmt: skip
-        if dist_info.is_main and (done % config.checkpoint_every == 0 or done == config.steps):
+        if dist_info.is_main and save_now:
             elapsed_s = earlier_s + time.perf_counter() - started
             optimisation.save(checkpoints, done, config, {"kind": "pretrain", "elapsed_s": elapsed_s})
     bar.close()

@@ -123,6 +123,40 @@ def check_finite(
     )
 
 
+class PendingLosses:
+    """Step losses left on the device and read on the host together.
+
+    Reading each step's loss makes the host wait for the device every step (and rules out replaying
+    steps as CUDA graphs back to back); the loops read them every ``--log-every`` steps and before
+    every checkpoint instead, one device read per :meth:`read`. Every step's loss is still checked: a
+    NaN/Inf is reported with its own step and batch, at most ``log_every - 1`` steps later, and always
+    before a checkpoint could save the weights it broke.
+    """
+
+    def __init__(self, rank: int | None = None) -> None:
+        self.rank = rank
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor, list[str]]] = []
+
+    def add(self, step: int, loss: torch.Tensor, local_loss: torch.Tensor, case_ids: list[str]) -> None:
+        """Keep ``step``'s loss (scalar, the mean over ranks), this rank's ``local_loss`` and its cases."""
+        self._pending.append((step, loss.detach(), local_loss.detach(), list(case_ids)))
+
+    def read(self) -> list[float]:
+        """The kept losses in step order (then forgotten); raises NonFiniteLossError at the first bad one."""
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        values = read_on_host(torch.stack([loss.float() for _, loss, _, _ in pending]))
+        for (step, _, local_loss, case_ids), value in zip(pending, values):
+            check_finite(value, step, case_ids, self.rank, local_loss)
+        return values
+
+
+def read_on_host(values: torch.Tensor) -> list[float]:
+    """The training loops' one device-to-host read of their losses."""
+    return values.tolist()
+
+
 class CsvLog:
     """Appends rows to a CSV file, writing the header once; survives resumed runs (truncates rows
     after ``resume_step`` so a resumed run does not duplicate the steps it repeats)."""
