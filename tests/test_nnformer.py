@@ -147,10 +147,14 @@ def test_stage_window_on_hand_worked_grids(grid, window, shifted, expected):
     assert stage_window(grid, window, shifted) == expected
 
 
-def test_attention_gets_one_dtype_under_cuda_autocast_rules(monkeypatch):
+@pytest.mark.parametrize(
+    ("backend", "kernel"), [("reference", "varlen_window_attention"), ("torch", "attend_with_bias")]
+)
+def test_attention_gets_one_dtype_under_cuda_autocast_rules(monkeypatch, backend, kernel):
     # CUDA autocast runs layer norms in fp32 and Linears in bf16 (CPU autocast keeps layer norms in
     # bf16, so emulate CUDA's rule here). Skip attention's queries are normed tokens with no
-    # projection: the Triton kernels reject them unless they share k and v's dtype.
+    # projection: the Triton kernels (packed windows) and SDPA (windows cut from the dense grid,
+    # the torch backend's path) reject them unless they share k and v's dtype.
     import torch.nn.functional as F
 
     from maeformer_fast.models import blocks
@@ -167,10 +171,11 @@ def test_attention_gets_one_dtype_under_cuda_autocast_rules(monkeypatch):
         seen.append((q.dtype, k.dtype, v.dtype))
         return attend(q, k, v, *args, **kwargs)
 
-    attend = blocks.varlen_window_attention
+    attend = getattr(blocks, kernel)
     monkeypatch.setattr(F, "layer_norm", layer_norm_in_fp32)
-    monkeypatch.setattr(blocks, "varlen_window_attention", attention)
-    model = NNFormer(get_config("small", embed_dim=8, num_heads=(1, 1, 2, 2))).eval()
+    monkeypatch.setattr(blocks, kernel, attention)
+    config = get_config("small", embed_dim=8, num_heads=(1, 1, 2, 2), attention_backend=backend)
+    model = NNFormer(config).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(1, 1, 32, 32, 32))
     assert len(seen) == 14  # 8 encoder blocks, 6 decoder blocks (3 with skip attention)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops.grid_windows import from_windows, to_windows, window_mask, window_rows
 from ..ops.permute import permute_rows
-from ..ops.window_attention import varlen_window_attention
-from ..ops.window_groups import Triple, bias_table_size, official_to_correct_rows, relative_position_index
-from .tokens import Tokens
+from ..ops.window_attention import attend_with_bias, varlen_window_attention
+from ..ops.window_groups import Triple, bias_table_size, official_to_correct_rows
+from .tokens import Tokens, WindowGrouping, stage_window, windows_from_grid
 
 
 class DropPath(nn.Module):
@@ -103,40 +103,35 @@ class WindowAttention(nn.Module):
         )
         return self.proj(out.flatten(1))
 
-    def forward_cyclic(
-        self, x: Tensor, grid: Triple, window: Triple, shift: Triple, skip: Tensor | None
-    ) -> Tensor:
-        """ACDC's official window attention on a dense grid: x, skip (B, *grid, C) normed -> (B, *grid, C).
+    def forward_grid(self, x: Tensor, windows: GridWindows, skip: Tensor | None = None) -> Tensor:
+        """Attention in windows cut from a dense grid (``ops.grid_windows``): x, skip (B, *grid, C)
+        normed -> (B, *grid, C). Each window attends over the pairs ``windows.mask`` allows (all of
+        them without a mask), with the bias of in-window offsets."""
+        window, shift, mask = windows.window, windows.shift, windows.mask
+        q, k, v = self.project(
+            to_windows(x, window, shift), None if skip is None else to_windows(skip, window, shift)
+        )  # (B, nW, L, H, D) each
+        b, count, length, heads, dim = q.shape
+        bias = self.bias_table()[window_rows(window, self.window_size, x.device)].permute(2, 0, 1)
+        if mask is None:  # one (H, L, L) bias for all B * nW windows
+            q, k, v = (t.flatten(0, 1).transpose(1, 2) for t in (q, k, v))  # (B * nW, H, L, D)
+        else:  # windows and heads as one axis: a (nW * H, L, L) bias shared by the B volumes
+            bias = bias.masked_fill(~mask[:, None], float("-inf")).flatten(0, 1)
+            q, k, v = (t.transpose(2, 3).reshape(b, count * heads, length, dim) for t in (q, k, v))
+        out = attend_with_bias(q, k, v, bias.to(q.dtype), dim**-0.5)
+        out = out.view(b, count, heads, length, dim).transpose(2, 3).reshape(b, count, length, -1)
+        return from_windows(self.proj(out), windows.grid, window, shift)
 
-        The grid is zero-padded at the far end to a multiple of ``window`` and rolled by ``-shift``;
-        every window attends over all its positions, wrapped ones and padding included (the padding
-        keys and values are the projections' biases), with the bias of in-window offsets.
-        """
-        b, c = x.shape[0], x.shape[-1]
-        pads = [(-g) % w for g, w in zip(grid, window)]
-        padded = [g + p for g, p in zip(grid, pads)]
-        counts = [p // w for p, w in zip(padded, window)]
 
-        def windows(t: Tensor) -> Tensor:  # (B, *grid, C) -> (B * nW, N, C)
-            t = torch.roll(
-                F.pad(t, (0, 0, 0, pads[2], 0, pads[1], 0, pads[0])), [-s for s in shift], (1, 2, 3)
-            )
-            t = t.view(b, counts[0], window[0], counts[1], window[1], counts[2], window[2], c)
-            return t.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, math.prod(window), c)
+@dataclass(frozen=True)
+class GridWindows:
+    """Windows of a dense ``grid`` cut by ``ops.grid_windows``: ``window`` boxes rolled by ``shift``
+    and, where windows wrap around or hold padding, the (nW, L, L) ``mask`` of pairs that attend."""
 
-        q, k, v = (
-            t.transpose(1, 2) for t in self.project(windows(x), None if skip is None else windows(skip))
-        )
-        local = torch.stack(
-            torch.meshgrid(*[torch.arange(w, device=x.device) for w in window], indexing="ij")
-        )
-        local = local.flatten(1).T  # (N, 3) in-window positions, C order
-        bias = self.bias_table()[relative_position_index(local[:, None] - local[None], window)]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.permute(2, 0, 1).to(q.dtype))
-        out = self.proj(out.transpose(1, 2).flatten(2))  # (B * nW, N, C)
-        out = out.view(b, *counts, *window, c).permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, *padded, c)
-        out = torch.roll(out, list(shift), (1, 2, 3))
-        return out[:, : grid[0], : grid[1], : grid[2]]
+    grid: Triple
+    window: Triple
+    shift: Triple
+    mask: Tensor | None
 
 
 class TransformerBlock(nn.Module):
@@ -171,55 +166,59 @@ class TransformerBlock(nn.Module):
     def forward(self, tokens: Tokens, skip: Tensor | None = None) -> Tokens:
         """tokens.features (T, C); skip (T, C) encoder skip at the same positions for skip attention,
         where the residual stream starts from ``up + skip`` (official nnFormer)."""
-        if self.cyclic:
-            return tokens.with_features(self.cyclic_residual(tokens, skip))
-        grouping, _ = tokens.grouping(self.window_size, self.shifted)
-        x = self.residual(
-            tokens.features, grouping.order, grouping.inverse, grouping.coords, grouping.cu_seqlens,
-            tokens.batch, tokens.batch_size, skip,
-        )  # fmt: skip
+        windows = self.windows(tokens)
+        x = self.residual(tokens.features, skip, windows, tokens.batch, tokens.batch_size)
         return tokens.with_features(x)
+
+    def windows(self, tokens: Tokens) -> WindowGrouping | GridWindows:
+        """How this block's windows are formed on ``tokens``: cut from the grid where the tokens are
+        a dense grid and the attention runs on the torch backend (measured faster on the CPU than
+        sorting packed tokens, benchmarks/RESULTS.md) or the windows are ACDC's cyclic ones; else
+        the plan's grouping of packed tokens."""
+        device = tokens.features.device
+        if not windows_from_grid(tokens.dense, self.cyclic, self.attn.backend, device):
+            grouping, _ = tokens.grouping(self.window_size, self.shifted)
+            return grouping
+        if not tokens.dense:
+            raise ValueError("cyclic windows (official ACDC attention) need a dense grid")
+        if self.cyclic:
+            # official ACDC: the window is never clipped (the grid is padded up to it), a shifted
+            # block rolls every axis unless the window is the whole grid, and nothing is masked
+            rolled = self.shifted and tuple(tokens.grid) != tuple(self.window_size)
+            shift = tuple(w // 2 if rolled else 0 for w in self.window_size)
+            return GridWindows(tokens.grid, self.window_size, shift, None)  # type: ignore[arg-type]
+        window, shift = stage_window(tokens.grid, self.window_size, self.shifted)
+        return GridWindows(tokens.grid, window, shift, window_mask(tokens.grid, window, shift, device))
 
     def residual(
         self,
         x: Tensor,
-        order: Tensor,
-        inverse: Tensor,
-        coords: Tensor,
-        cu_seqlens: Tensor,
+        skip: Tensor | None,
+        windows: WindowGrouping | GridWindows,
         batch: Tensor,
         batch_size: int,
-        skip: Tensor | None = None,
     ) -> Tensor:
-        """The block's tensor math, (T, C) -> (T, C), given the window grouping of the tokens.
+        """The block's tensor math, (T, C) -> (T, C), given how the tokens form windows.
 
-        Kept apart from the grouping (a data-dependent sort, made once per step by the plan) so that
-        training can compile it without graph breaks or checkpoint it without redoing the sort.
-        ``order``/``inverse`` (T,) sort tokens by window and back, ``coords`` (T, 3) and
-        ``cu_seqlens`` (G + 1,) describe the sorted windows, ``batch`` (T,) is each token's sample.
+        Kept apart from forming the windows (a data-dependent sort for packed tokens, made once per
+        step by the plan) so that training can compile it without graph breaks or checkpoint it
+        without redoing the sort. A grouping's ``order``/``inverse`` (T,) sort tokens by window and
+        back; grid windows need dense tokens in (b, z, y, x) order. ``batch`` (T,): each token's sample.
         """
-        normed = permute_rows(self.norm1(x), order, inverse)
-        normed_skip = None if skip is None else permute_rows(self.norm1(skip), order, inverse)
-        attended = permute_rows(self.attn(normed, coords, cu_seqlens, normed_skip), inverse, order)
+        normed = self.norm1(x)
+        normed_skip = None if skip is None else self.norm1(skip)
+        if isinstance(windows, GridWindows):
+            shape = (batch_size, *windows.grid, -1)
+            grid_skip = None if normed_skip is None else normed_skip.view(shape)
+            attended = self.attn.forward_grid(normed.view(shape), windows, grid_skip).reshape(x.shape)
+        else:
+            order, inverse = windows.order, windows.inverse
+            sorted_skip = None if normed_skip is None else permute_rows(normed_skip, order, inverse)
+            attended = self.attn(
+                permute_rows(normed, order, inverse), windows.coords, windows.cu_seqlens, sorted_skip
+            )
+            attended = permute_rows(attended, inverse, order)
         return self.finish(x, skip, attended, batch, batch_size)
-
-    def cyclic_residual(self, tokens: Tokens, skip: Tensor | None) -> Tensor:
-        """:meth:`residual` with ACDC's official window attention, on dense tokens: (T, C) -> (T, C)."""
-        if not tokens.dense:
-            raise ValueError("cyclic windows (official ACDC attention) need a dense grid")
-        # official ACDC: the window is never clipped (the grid is padded up to it) and a shifted
-        # block rolls every axis unless the window is the whole grid
-        window = self.window_size
-        rolled = self.shifted and tuple(tokens.grid) != tuple(window)
-        shift = tuple(w // 2 if rolled else 0 for w in window)
-        grid_shape = (tokens.batch_size, *tokens.grid, -1)
-        normed_skip = None if skip is None else self.norm1(skip).view(grid_shape)
-        attended = self.attn.forward_cyclic(
-            self.norm1(tokens.features).view(grid_shape), tokens.grid, window, shift, normed_skip
-        )
-        return self.finish(
-            tokens.features, skip, attended.reshape(tokens.features.shape), tokens.batch, tokens.batch_size
-        )
 
     def finish(
         self, x: Tensor, skip: Tensor | None, attended: Tensor, batch: Tensor, batch_size: int

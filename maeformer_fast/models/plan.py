@@ -23,7 +23,7 @@ from ..ops.masking import unit_corners
 from ..ops.sparse_conv import halo_index, neighbour_table, resolve_conv_backend, transposed_table, unit_lookup
 from ..ops.window_groups import Triple
 from .config import NNFormerConfig
-from .tokens import ConvPlan, Layout, UnitLayout
+from .tokens import ConvPlan, Layout, UnitLayout, windows_from_grid
 
 UNIT_STRIDE = (1, 1, 1)
 
@@ -51,7 +51,8 @@ def plan_encoder(
     """
     device = torch.device(device)
     unit_grid = tuple(s // t for s, t in zip(size, config.total_stride))
-    if visible_ids is None:
+    dense = visible_ids is None
+    if dense:
         layout = Layout.dense_grid(batch_size, size, device)
         lookup = None
     else:
@@ -60,6 +61,9 @@ def plan_encoder(
         lookup = unit_lookup(batch, corner, batch_size, unit_grid)
     # Padded window offsets wherever the Triton kernels run (no host sync on CUDA); exact elsewhere.
     pad_groups = True if config.attention_backend == "triton" else None
+    from_grid = windows_from_grid(
+        visible_ids is None, config.cyclic_windows, config.attention_backend, device
+    )
     backend = resolve_conv_backend(config.conv_backend, device)
     first, second = config.embedding_strides
     plan = EncoderPlan(layout, [])
@@ -71,7 +75,8 @@ def plan_encoder(
             kernel, padding = config.downsampling_kernels[stage - 1], config.downsampling_paddings[stage - 1]
             odd_phase = tuple(k == 3 and p == 0 for k, p in zip(kernel, padding))
             layout = _plan_conv(layout, stride, lookup, backend, odd_phase)  # type: ignore[arg-type]
-        layout.plan_windows(config.window_sizes[stage], pad_groups)
+        if not from_grid:  # blocks that cut windows from the grid need no grouping
+            layout.plan_windows(config.window_sizes[stage], pad_groups)
         plan.stages.append(layout)
     return plan
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..ops.window_attention import resolve_backend
 from ..ops.window_groups import Triple, as_triple, window_groups
 
 
@@ -35,6 +36,13 @@ def stage_window(grid: Triple, window: Triple, shifted: bool) -> tuple[Triple, T
     size = tuple(min(w, g) for w, g in zip(window, grid))
     shift = tuple(w // 2 if shifted and w < g else 0 for w, g in zip(window, grid))
     return size, shift  # type: ignore[return-value]
+
+
+def windows_from_grid(dense: bool, cyclic: bool, backend: str, device: torch.device) -> bool:
+    """Whether a block cuts its windows from the dense grid (``ops.grid_windows``) instead of
+    grouping packed tokens: ACDC's cyclic windows always (dense only), and dense tokens whose
+    attention runs on the torch backend (measured faster on the CPU, benchmarks/RESULTS.md)."""
+    return cyclic or (dense and resolve_backend(backend, device) == "torch")
 
 
 @dataclass(frozen=True)

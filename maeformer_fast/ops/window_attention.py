@@ -135,7 +135,7 @@ def window_attention_torch(
     num_tokens, num_heads, _ = q.shape
     token_ids, outputs = [], []
     for pos, valid, rows in _pieces(coords, cu_seqlens, window_size):
-        out = _attend(
+        out = attend_with_bias(
             _gather(q, pos).transpose(1, 2),
             _gather(k, pos).transpose(1, 2),
             _gather(v, pos).transpose(1, 2),
@@ -150,7 +150,7 @@ def window_attention_torch(
     return out.index_copy(0, torch.cat(token_ids), torch.cat(outputs))
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
+def attend_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tensor:
     """softmax(scale q k^T + bias) v over (n, H, L, D), bias (H, L, L) shared or (n, H, L, L).
 
     The shared bias goes to SDPA expanded to 4D (a stride-0 view, no copy): torch 2.13's CPU kernel
@@ -341,6 +341,16 @@ def window_attention_op(
     return out
 
 
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend that runs for ``backend`` on ``device``: "auto" is triton on CUDA (where triton
+    imports), torch elsewhere."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and triton_available() else "torch"
+    return backend
+
+
 def varlen_window_attention(
     q: Tensor,
     k: Tensor,
@@ -367,16 +377,13 @@ def varlen_window_attention(
     Returns:
         (T, H, D) attention output in the same order as q.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
         raise ValueError(
             f"q, k, v must be (T, H, D) of one shape, got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}"
         )
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and triton_available() else "torch"
+    backend = resolve_backend(backend, q.device)
     if backend == "reference":
         return window_attention_reference(q, k, v, coords, cu_seqlens, bias_table, window_size, scale)
     if torch.compiler.is_compiling():
