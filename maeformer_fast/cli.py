@@ -166,26 +166,32 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     return 0
 
 
+def comma_list(text: str) -> list[str]:
+    """Parse "a,b,c" (an argparse type)."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Time the training steps on this machine and print a table with the sparse/dense ratio."""
-    from .train.bench import bench
+    """Time the training steps on this machine; print the table (launches, MFU, sparse/dense ratio)."""
+    import json
+
+    from .train.bench import CASES, MODES, bench, format_table
 
     if args.loader:
         return cmd_bench_loader(args)
+    for name, given, known in (("--modes", args.modes or [], MODES), ("--cases", args.cases, CASES)):
+        if unknown := [g for g in given if g not in known]:
+            raise ValueError(f"{name}: unknown {unknown}; choose from {', '.join(known)}")
+
+    def write(row: dict) -> None:  # each row as soon as measured: a run cut short keeps what it measured
+        with open(args.json, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
 
     rows = bench(args.model, args.crop_size, args.batch_size, args.device, args.precision, args.seconds,
-                 args.compile)  # fmt: skip
-    print(f"model {args.model}, batch {args.batch_size}, precision {rows[0]['precision']}, "
-          f"compiled {rows[0]['compiled']}")  # fmt: skip
-    print(f"{'step':<20}{'ms/step':>10}{'steps/s':>10}{'Mvoxels/s':>11}{'peak MiB':>10}{'warm-up s':>11}")
-    for r in rows:
-        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
-        print(f"{r['task'] + ' ' + r['mode']:<20}{r['ms_per_step']:>10.1f}{r['steps_per_s']:>10.2f}"
-              f"{r['voxels_per_s'] / 1e6:>11.2f}{peak:>10}{r['warmup_s']:>11.1f}")  # fmt: skip
-    speed = {(r["task"], r["mode"]): r["steps_per_s"] for r in rows}
-    ratio = speed[("pretrain", "sparse")] / speed[("pretrain", "dense")]
-    print(f"sparse / dense pretraining speed: {ratio:.2f}x")
-    return 0
+                 args.compile, modes=args.modes, cases=args.cases, peak=args.peak_tflops,
+                 on_row=write if args.json else None)  # fmt: skip
+    print("\n".join(format_table(rows)))
+    return 1 if any("error" in r for r in rows) else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -262,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--batch-size", type=int, default=2, help="crops per step (default: 2)")
     ben.add_argument("--device", default="auto", help=PRETRAIN_HELP["device"] + " (default: auto)")
     ben.add_argument("--precision", default="auto", help=PRETRAIN_HELP["precision"] + " (default: auto)")
+    ben.add_argument("--modes", type=comma_list, default=None,
+                     help="comma-separated, of eager (no compilation), compiled (torch.compile of the "
+                     "whole model), captured (compiled and replayed as CUDA graphs; CUDA only) (default: "
+                     "eager, and the device's compiled form where --compile or the device's default "
+                     "compiles)")  # fmt: skip
+    ben.add_argument("--cases", type=comma_list, default=["sparse", "dense", "finetune"],
+                     help="comma-separated steps to time, of sparse, dense (MAE pretraining), finetune "
+                     "(default: all three)")  # fmt: skip
+    ben.add_argument("--peak-tflops", type=float, default=None,
+                     help="the device's peak TFLOPS for the step's dtype, for MFU on a device the built-in "
+                     "table (H100/H200 SXM, A100) lacks (default: the table's, else MFU n/a)")  # fmt: skip
+    ben.add_argument("--json", default=None, metavar="PATH",
+                     help="also append each row to PATH as a JSON line, when measured")  # fmt: skip
     ben.add_argument(
         "--seconds", type=float, default=5.0, help="timing per case after a warm-up step (default: 5)"
     )

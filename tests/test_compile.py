@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import shutil
 import warnings
+from typing import Any
 
 import pytest
 import torch
@@ -14,8 +15,12 @@ from maeformer_fast.models.config import get_config
 from maeformer_fast.models.mae import MaskedAutoencoder
 from maeformer_fast.models.nnformer import NNFormer
 from maeformer_fast.ops.masking import random_unit_mask
+from maeformer_fast.train import finetune as ft
+from maeformer_fast.train import pretrain as pt
+from maeformer_fast.train.checkpoint import CheckpointManager
 from maeformer_fast.train.distributed import DistInfo
-from maeformer_fast.train.loop import prepare_model
+from maeformer_fast.train.loop import CompiledModel, Optimisation, RunConfig, prepare_model
+from maeformer_fast.train.optim import make_optimizer, make_scheduler, param_groups, warmup_cosine
 
 CPU = torch.device("cpu")
 CROP = (32, 32, 32)
@@ -164,3 +169,233 @@ def test_compiler_failing_on_the_backward_falls_back_too():
     with pytest.warns(RuntimeWarning, match="this op has no backward lowering"):
         result = run(train_model, segmenter_loss, 0, fallback)
     assert_same(result, run(eager, segmenter_loss, 0), exact=True)
+
+
+# --- The whole training step: the model and the optimizer step (clipping + AdamW/SGD) compiled ---
+
+STEPS = 5  # five batches and masks; the first optimizer step is eager (it creates the state)
+# Measured: at most 1.2e-7 after five steps (one float32 rounding step at 1.0: a norm weight) in the
+# three model cases, 3.0e-7 after a resume into the other lr kind (float32 tensor lrs round otherwise);
+# a learning rate one step off or an unclipped step moves parameters by ~1e-4.
+STEP_ATOL = 1e-6
+
+
+def pretrain_case(
+    encoder: str, optimizer: str, compile_model: bool, device: torch.device = CPU
+) -> tuple[Any, torch.nn.Module, Any]:
+    """(optimisation, model, loss of a seed) of the narrow small MAE on ``device``, built as
+    ``pretrain`` builds it: warmup over 10 steps, so the LR changes at every step, and a clip threshold
+    below the gradient norms (0.047-0.064 measured over these steps; fine-tuning 0.40-0.42), so
+    clipping acts. Batches and masks are drawn on the CPU (the same on any device)."""
+    config = pt.PretrainConfig(data="", out="", model="small", encoder=encoder, decoder_dim=16,
+                               optimizer=optimizer, lr=1e-3, steps=20, warmup_steps=10, grad_clip=0.02,
+                               model_overrides={**NARROW, "drop_path_rate": 0.0},
+                               compile=compile_model)  # fmt: skip
+    torch.manual_seed(0)
+    model = pt.build_mae(config).to(device)
+
+    def loss(train_model: torch.nn.Module, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randn(2, 1, *CROP, generator=generator).to(device)
+        visible_ids = random_unit_mask(2, (2, 2, 2), 0.5, generator).to(device)
+        return pt.mae_loss(train_model, images, visible_ids, "fp32", device)[0]
+
+    return pt.build_optimisation(config, model, "fp32", device), model, loss
+
+
+def finetune_case(_encoder: str, optimizer: str, compile_model: bool) -> tuple[Any, torch.nn.Module, Any]:
+    """As :func:`pretrain_case` for fine-tuning (Dice + CE, deep supervision off in the small config),
+    with layer-wise lr decay: twelve parameter groups with six learning rates."""
+    config = ft.FinetuneConfig(data="", out="", model="small", optimizer=optimizer, steps=20,
+                               warmup_steps=10, grad_clip=0.2, layer_decay=0.75,
+                               compile=compile_model)  # fmt: skip
+    torch.manual_seed(0)
+    model = NNFormer(get_config("small", drop_path_rate=0.0, num_classes=3, **NARROW))
+
+    def loss(train_model: torch.nn.Module, seed: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randn(2, 1, *CROP, generator=generator)
+        labels = torch.randint(0, 3, (2, *CROP), generator=generator)
+        return ft.segmentation_loss(train_model, images, labels, "fp32", CPU)
+
+    return ft.build_optimisation(config, model, "fp32", CPU), model, loss
+
+
+def compile_run(
+    optimisation: Optimisation, model: torch.nn.Module, device: torch.device, **options
+) -> CompiledModel:
+    """``model`` and ``optimisation``'s step compiled by ``prepare_model`` (``options``: backend, mode),
+    from a fresh dynamo state with zeroed counters."""
+    counters.clear()
+    torch._dynamo.reset()
+    return prepare_model(model, DistInfo(), device, compile_model=True, optimisation=optimisation, **options)
+
+
+def step_both(
+    compiled: tuple[Optimisation, torch.nn.Module],
+    eager: tuple[Optimisation, torch.nn.Module],
+    loss_of,
+    seed: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training step of the compiled run and of the eager run, each (optimisation, model to
+    call), on the batch and mask of ``seed``: (compiled loss, eager loss). The compiled one must
+    neither fall back to eager nor make dynamo warn (it does when it traces through a cache wrapper)."""
+    (optimisation, train_model), (eager_optimisation, eager_model) = compiled, eager
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        loss = optimisation.accumulate(train_model, lambda _: loss_of(train_model, seed))
+        optimisation.step()
+    messages = [str(w.message) for w in record]
+    assert not [m for m in messages if "torch.compile of" in m or "Dynamo detected" in m], messages
+    expected = eager_optimisation.accumulate(eager_model, lambda _: loss_of(eager_model, seed))
+    eager_optimisation.step()
+    return loss, expected
+
+
+def assert_parameters_close(
+    model: torch.nn.Module, expected: torch.nn.Module, step: int, **tolerance
+) -> None:
+    for (name, p), q in zip(expected.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, **tolerance, msg=lambda m, n=name: f"step {step} {n}: {m}")
+
+
+@pytest.mark.parametrize(
+    ("case", "encoder", "optimizer"),
+    [(pretrain_case, "sparse", "adamw"), (pretrain_case, "dense", "sgd"), (finetune_case, "", "adamw")],
+)
+def test_compiled_training_step_trains_like_eager(case, encoder, optimizer):
+    """The whole step compiled as ``--compile`` runs it (model and optimizer step, ``aot_eager``):
+    five batches with five masks and five optimizer steps (four through the compiled step) with a
+    learning rate that changes at every step give the eager losses, learning rates and parameters
+    (fp32), from one model graph and one optimizer-step graph: no break, no recompile.
+    Sparse MAE with AdamW, dense MAE with Nesterov SGD, fine-tuning with AdamW and layer-wise lr decay."""
+    eager, eager_model, loss_of = case(encoder, optimizer, compile_model=False)
+    compiled, compiled_model, _ = case(encoder, optimizer, compile_model=True)
+    assert isinstance(eager.optimizer.param_groups[0]["lr"], float)  # uncompiled runs: as before
+    assert all(isinstance(g["lr"], torch.Tensor) for g in compiled.optimizer.param_groups)
+    train_model = compile_run(compiled, compiled_model, CPU, compile_backend="aot_eager")
+    lrs = []
+    for seed in range(STEPS):
+        loss, expected = step_both((compiled, train_model), (eager, eager_model), loss_of, seed)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        last_lrs = compiled.scheduler.get_last_lr()
+        assert last_lrs == eager.scheduler.get_last_lr() and all(type(lr) is float for lr in last_lrs)
+        torch.testing.assert_close([g["lr"].item() for g in compiled.optimizer.param_groups],
+                                   [g["lr"] for g in eager.optimizer.param_groups])  # fmt: skip
+        lrs.append(compiled.lr)
+        assert_parameters_close(compiled_model, eager_model, seed, rtol=0, atol=STEP_ATOL)
+    assert len(set(lrs)) == STEPS  # warmup: every step had its own learning rate
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # the model, the optimizer step
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def small_optimisation(
+    optimizer: str,
+    tensor_lr: bool,
+    backend: Any = "aot_eager",
+    device: torch.device = CPU,
+    mode: str | None = None,
+) -> Optimisation:
+    """A two-layer model on ``device`` with two parameter groups, warmup + cosine over 8 steps and
+    clipping; with ``tensor_lr`` its clipping and optimizer step are compiled (``backend``, ``mode``),
+    as ``--compile`` does."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3)).to(
+        device
+    )
+    built = make_optimizer(optimizer, param_groups(model, 0.05), 1e-2, tensor_lr=tensor_lr)
+    schedule = make_scheduler(built, lambda step: warmup_cosine(step, 8, 4))
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    optimisation = Optimisation(model, built, schedule, scaler, 0.5)
+    if tensor_lr:
+        optimisation.compile_step(backend, mode)
+    return optimisation
+
+
+def train(optimisation: Optimisation, steps: range) -> None:
+    """Steps ``steps`` of a regression on batches seeded by the step (the same at any resume point,
+    drawn on the CPU and moved to the model's device)."""
+    model = optimisation.model
+    device = next(model.parameters()).device
+    for step in steps:
+        generator = torch.Generator().manual_seed(step)
+        x, y = (
+            torch.randn(4, 6, generator=generator).to(device),
+            torch.randn(4, 3, generator=generator).to(device),
+        )
+        optimisation.accumulate(model, lambda _, x=x, y=y: torch.nn.functional.mse_loss(model(x), y))
+        optimisation.step()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("saved_tensor_lr", [False, True], ids=["float-to-tensor", "tensor-to-float"])
+def test_checkpoint_resumes_between_float_and_tensor_learning_rates(tmp_path, optimizer, saved_tensor_lr):
+    """A checkpoint of an uncompiled run (float lrs) resumes into a compiled one (tensor lrs, compiled
+    step) and back, also with ``--compile`` and ``--cuda-graph`` changed: the resumed optimizer keeps
+    its own kind of lr (its own tensors, filled) with the saved values, AdamW's step counts stay on
+    the host as its options want, and three more steps give what the run gives uninterrupted."""
+    straight = small_optimisation(optimizer, saved_tensor_lr)
+    train(straight, range(6))
+    first = small_optimisation(optimizer, saved_tensor_lr)
+    train(first, range(3))
+    checkpoints = CheckpointManager(tmp_path / "checkpoints")
+    first.save(checkpoints, 3, RunConfig(data="", out=str(tmp_path), compile=saved_tensor_lr), {})
+
+    resumed = small_optimisation(optimizer, not saved_tensor_lr)
+    own_lrs = [g["lr"] for g in resumed.optimizer.param_groups]
+    config = RunConfig(data="", out=str(tmp_path), compile=not saved_tensor_lr, cuda_graph=False, resume=True)
+    assert resumed.resume(checkpoints, config)[0] == 3
+    for group, own, saved in zip(resumed.optimizer.param_groups, own_lrs, first.optimizer.param_groups):
+        assert group["lr"] is own if saved_tensor_lr is False else type(group["lr"]) is float
+        assert float(group["lr"]) == pytest.approx(float(saved["lr"]), rel=1e-6)
+        assert not group.get("capturable")
+    steps = [s["step"] for s in resumed.optimizer.state.values() if "step" in s]
+    assert all(step.device.type == "cpu" and step.item() == 3 for step in steps)
+    assert len(steps) == (6 if optimizer == "adamw" else 0)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        train(resumed, range(3, 6))
+    messages = [str(w.message) for w in record]  # no eager fallback, no scheduler-order warning
+    assert not [m for m in messages if "torch.compile of" in m or "lr_scheduler.step()" in m], messages
+    assert resumed.lr == straight.lr and resumed.scheduler.last_epoch == straight.scheduler.last_epoch
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=STEP_ATOL)
+
+
+def test_failing_step_compiler_falls_back_to_the_eager_step():
+    """A compiler failing on the optimizer step: one warning, then the eager step for the rest of
+    the run, which trains exactly as an uncompiled tensor-lr run."""
+
+    def broken(graph, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    fallback = small_optimisation("adamw", tensor_lr=True, backend=broken)
+    eager = small_optimisation("adamw", tensor_lr=True)
+    eager.compiled_update = None
+    with pytest.warns(RuntimeWarning, match="torch.compile of the optimizer step failed") as record:
+        train(fallback, range(4))
+    assert len([w for w in record if "optimizer step failed" in str(w.message)]) == 1
+    train(eager, range(4))
+    for p, q in zip(eager.model.parameters(), fallback.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+
+
+def test_each_group_keeps_its_own_lr_tensor(monkeypatch):
+    """Tensor lrs: one per group (different lr scales, different values), filled in place by the
+    schedule -- also where torch's scheduler would assign floats instead (torch versions before the
+    in-place fill, simulated) -- and reported as floats."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    groups = param_groups(model, 0.0, lr_scale={"0.": 0.5})
+    optimizer = make_optimizer("adamw", groups, 1e-2, tensor_lr=True)
+    tensors = [g["lr"] for g in optimizer.param_groups]
+    assert len({id(t) for t in tensors}) == len(tensors) == 2
+    scheduler = make_scheduler(optimizer, lambda step: step + 1.0)
+
+    def assign(group, key, value):  # what LambdaLR did before it filled tensors in place
+        group[key] = value
+
+    monkeypatch.setattr(torch.optim.lr_scheduler, "_update_param_group_val", assign)
+    scheduler.step()
+    assert all(g["lr"] is tensor for g, tensor in zip(optimizer.param_groups, tensors))
+    assert [t.item() for t in tensors] == pytest.approx([1e-2, 2e-2])  # scale 0.5 at factor 2; 1 at 2
+    assert scheduler.get_last_lr() == [1e-2, 2e-2]

@@ -19,7 +19,7 @@ from ..models.pretrained import init_from_encoder, save_segmenter
 from .checkpoint import CheckpointManager
 from .distributed import barrier, broadcast_from_main, mean_across_ranks
 from .evaluation import score_cases, summarise
-from .loop import Optimisation, RunConfig, prepare_model, setup_run
+from .loop import Optimisation, RunConfig, compiles_optimizer_step, prepare_model, setup_run
 from .losses import deep_supervision_loss
 from .optim import make_optimizer, make_scheduler, param_groups, poly, warmup_cosine
 from .runtime import CsvLog, PendingLosses, autocast, derive_seed, resolve_compile
@@ -82,21 +82,24 @@ def layer_lr_scales(model: NNFormer, decay: float) -> dict[str, float]:
     return scales
 
 
-def build_optimizer(config: FinetuneConfig, model: NNFormer) -> tuple[torch.optim.Optimizer, float]:
+def build_optimizer(
+    config: FinetuneConfig, model: NNFormer, tensor_lr: bool = False
+) -> tuple[torch.optim.Optimizer, float]:
     # An unknown optimizer name gets no defaults here and is refused by make_optimizer.
     defaults = OPTIMIZER_DEFAULTS.get(config.optimizer, {"lr": None, "weight_decay": None})
     lr = config.lr if config.lr is not None else defaults["lr"]
     wd = config.weight_decay if config.weight_decay is not None else defaults["weight_decay"]
     scales = layer_lr_scales(model, config.layer_decay) if config.layer_decay != 1.0 else None
-    return make_optimizer(config.optimizer, param_groups(model, wd, scales), lr), lr
+    return make_optimizer(config.optimizer, param_groups(model, wd, scales), lr, tensor_lr=tensor_lr), lr
 
 
 def build_optimisation(
     config: FinetuneConfig, model: NNFormer, precision: str, device: torch.device
 ) -> Optimisation:
     """The optimizer of ``config.optimizer`` with its schedule (sgd: poly; adamw: warmup + cosine), a
-    gradient scaler for fp16, clipping and accumulation."""
-    optimizer, _ = build_optimizer(config, model)
+    gradient scaler for fp16, clipping and accumulation; tensor learning rates where the run compiles
+    its optimizer step."""
+    optimizer, _ = build_optimizer(config, model, compiles_optimizer_step(config, precision, device))
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
     schedule = (
         (lambda s: poly(s, config.steps))
@@ -160,9 +163,9 @@ def finetune(
     curve = [tuple(point) for point in meta.get("curve", [])]
     earlier_s = meta.get("elapsed_s", 0.0)  # training time before a resume, so logs count the whole run
 
-    train_model = prepare_model(
-        model, dist_info, device, resolve_compile(config.compile, device), config.activation_checkpointing
-    )
+    train_model = prepare_model(model, dist_info, device, resolve_compile(config.compile, device),
+                                config.activation_checkpointing, compile_mode=config.compile_mode,
+                                optimisation=optimisation)  # fmt: skip
     micro_steps = config.accumulate_steps
     model_path, last_path = out / "model.safetensors", out / "last.safetensors"
     info = {"config": asdict(config), "splits": splits.to_dict(), "init": init_info}

@@ -48,6 +48,11 @@ def sliding_window_predict(
     Windows of ``window`` voxels step by ``(1 - overlap)`` of their size; each prediction is weighted by
     a Gaussian so window borders count less. Volumes smaller than the window are zero-padded and the
     result cropped back. ``mirror`` averages the 8 axis-flipped predictions.
+
+    A model that compiles one graph per input shape (``static_shapes`` true, as
+    ``train.loop.CompiledModel``) gets every batch at ``batch_size`` windows, the last one filled up
+    with zero windows whose predictions are dropped: one graph (on CUDA, one captured CUDA graph) per
+    window shape, whatever the volume's size.
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must lie in [0, 1) (a share of the window), got {overlap}")
@@ -61,11 +66,14 @@ def sliding_window_predict(
     weight = torch.zeros(full, device=device)
     starts = list(itertools.product(*[window_starts(n, w, overlap) for n, w in zip(full, window)]))
     flips = [dims for r in range(4) for dims in itertools.combinations((2, 3, 4), r)] if mirror else [()]
+    static = getattr(model, "static_shapes", False)
     for first in range(0, len(starts), batch_size):
         chunk = starts[first : first + batch_size]
         crops = torch.stack(
             [padded[:, z : z + window[0], y : y + window[1], x : x + window[2]] for z, y, x in chunk]
         )
+        if static and len(chunk) < batch_size:
+            crops = F.pad(crops, (0, 0, 0, 0, 0, 0, 0, 0, 0, batch_size - len(chunk)))
         probs = 0
         for dims in flips:
             flipped = crops.flip(dims) if dims else crops

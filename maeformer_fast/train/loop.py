@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import warnings
@@ -19,7 +20,8 @@ from ..models.blocks import TransformerBlock
 from ..ops.window_groups import Triple
 from .checkpoint import CheckpointManager
 from .distributed import DistInfo, broadcast_from_main, init_distributed, no_sync, wrap_ddp
-from .runtime import resolve_precision, use_device
+from .optim import load_optimizer_state
+from .runtime import resolve_compile, resolve_precision, use_device
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,7 @@ class RunConfig:
     accumulate_steps: int = 1  # micro-batches of batch_size per optimizer step (per rank)
     activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
     compile: bool | None = None  # torch.compile the whole model; None: the device's default
+    cuda_graph: bool = True  # with compile on one CUDA device: replay the compiled step as CUDA graphs
 
     # Counts and intervals a run divides by or loops over: each must be at least 1.
     POSITIVE = ("batch_size", "steps", "accumulate_steps", "checkpoint_every", "log_every", "preview_every",
@@ -74,6 +77,12 @@ class RunConfig:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+
+    @property
+    def compile_mode(self) -> str | None:
+        """torch.compile's mode for :func:`prepare_model`: "auto" (CUDA graphs where they apply) or,
+        with ``cuda_graph`` off, the default mode."""
+        return "auto" if self.cuda_graph else None
 
 
 def setup_run(config: RunConfig) -> RunSetup:
@@ -116,6 +125,7 @@ class Optimisation:
     scaler: torch.amp.GradScaler
     grad_clip: float | None = None
     accumulate_steps: int = 1
+    compiled_update: CompiledOptimizerStep | None = field(default=None, init=False)  # see compile_step
 
     def __post_init__(self) -> None:
         if self.accumulate_steps < 1:
@@ -143,7 +153,11 @@ class Optimisation:
     def step(self) -> None:
         """Unscale (fp16: the clip threshold is in true gradient units), clip, optimizer and LR step;
         the scaler skips the optimizer step when fp16 gradients overflowed, and the LR schedule then
-        waits for the next step that updates the weights."""
+        waits for the next step that updates the weights. After :meth:`compile_step`, clipping and
+        the optimizer step run as one compiled graph (no scaler there: every step updates)."""
+        if self.compiled_update is not None and self.compiled_update():
+            self.scheduler.step()  # fills the tensor learning rates the next step reads
+            return
         if self.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
@@ -156,9 +170,26 @@ class Optimisation:
         if self.scaler.get_scale() >= scale:  # a lower scale: fp16 overflow, optimizer step skipped
             self.scheduler.step()
 
+    def compile_step(self, backend: str | Callable[..., Any] = "inductor", mode: str | None = None) -> None:
+        """From now on run clipping and the optimizer step as one compiled graph
+        (:class:`CompiledOptimizerStep`, torch.compile ``mode``, e.g. "reduce-overhead": replayed as a
+        CUDA graph). fp16 keeps the eager step: its gradient scaler reads the device on the host.
+        Needs tensor learning rates (``make_optimizer(..., tensor_lr=True)``), filled in place by the
+        schedule: a float lr that changes every step would recompile the graph every step."""
+        if self.scaler.is_enabled():
+            return
+        if not all(isinstance(g["lr"], torch.Tensor) for g in self.optimizer.param_groups):
+            raise ValueError(
+                "a compiled optimizer step needs tensor learning rates: make_optimizer(tensor_lr=True)"
+            )
+        parameters = list(self.model.parameters())  # the eager step's clipping order: the same norm
+        self.compiled_update = CompiledOptimizerStep(
+            self.optimizer, parameters, self.grad_clip, backend, mode
+        )
+
     @property
     def lr(self) -> float:
-        return self.scheduler.get_last_lr()[0]
+        return float(self.scheduler.get_last_lr()[0])
 
     def save(self, manager: CheckpointManager, step: int, config: RunConfig, meta: dict[str, Any]) -> Path:
         """Checkpoint ``step`` with the run's settings (checked on resume) and ``meta``."""
@@ -197,18 +228,24 @@ class Optimisation:
                 "resume with its settings, or start a new run in another --out"
             )
         state, meta = manager.load(latest, self.model)
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(self.optimizer, state["optimizer"])  # float-lr and tensor-lr runs alike
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"]:  # empty when saved by a run without fp16: an fp16 resume starts a fresh scale
             self.scaler.load_state_dict(state["scaler"])
         return meta["step"], meta
 
 
+def compiles_optimizer_step(config: RunConfig, precision: str, device: torch.device) -> bool:
+    """Whether the run of ``config`` compiles its optimizer step (:meth:`Optimisation.compile_step`),
+    so that its optimizer needs tensor learning rates: with compile on, except in fp16."""
+    return resolve_compile(config.compile, device) and precision != "fp16"
+
+
 # Settings a resumed run may change: where things are and how they run, not what is trained.
 CHANGEABLE_ON_RESUME = frozenset({
     "data", "out", "cache_dir", "resume", "progress", "num_workers", "loader", "device", "steps",
     "checkpoint_every", "log_every", "preview_every", "val_every", "max_val_cases", "evaluate_test",
-    "compile", "activation_checkpointing", "deterministic", "precision", "data_on_device",
+    "compile", "cuda_graph", "activation_checkpointing", "deterministic", "precision", "data_on_device",
     "init",  # the checkpoint's weights replace the initial ones anyway
 })  # fmt: skip
 
@@ -226,6 +263,7 @@ def prepare_model(
     activation_checkpointing: bool = False,
     compile_backend: str | Callable[..., Any] = "inductor",
     compile_mode: str | None = "auto",
+    optimisation: Optimisation | None = None,
 ) -> nn.Module:
     """Set up ``model`` (already on the run's device) for training and return what to call in the loop.
 
@@ -236,17 +274,27 @@ def prepare_model(
     warning if the compiler fails. ``compile_mode`` is torch.compile's mode; "auto" is "reduce-overhead"
     (the compiled forward and backward replay as CUDA graphs: 2.2-4.4x faster MAE steps on an H200,
     benchmarks/RESULTS.md) on a CUDA device in a single process, the default mode elsewhere. The
-    result is wrapped in DDP when distributed.
+    result is wrapped in DDP when distributed. With ``compile_model``, ``optimisation``'s clipping and
+    optimizer step are compiled too, with the same backend and mode (:meth:`Optimisation.compile_step`).
     """
-    if compile_mode == "auto":
-        compile_mode = "reduce-overhead" if device.type == "cuda" and not dist_info.enabled else None
+    compile_mode = resolve_compile_mode(compile_mode, device, dist_info)
     if activation_checkpointing:
         for block in (m for m in model.modules() if isinstance(m, TransformerBlock)):
             block.residual = _checkpointed(
                 block.residual
             )  # an instance attribute: the state dict is untouched
     train_model = CompiledModel(model, compile_backend, compile_mode) if compile_model else model
+    if compile_model and optimisation is not None:
+        optimisation.compile_step(compile_backend, compile_mode)
     return wrap_ddp(train_model, dist_info, device)
+
+
+def resolve_compile_mode(mode: str | None, device: torch.device, dist_info: DistInfo) -> str | None:
+    """torch.compile's mode for ``mode``: "auto" is "reduce-overhead" (CUDA graphs) on a CUDA device in
+    a single process, else the default mode (None); any other value is taken as it is."""
+    if mode != "auto":
+        return mode
+    return "reduce-overhead" if device.type == "cuda" and not dist_info.enabled else None
 
 
 class CompiledModel(nn.Module):
@@ -256,6 +304,8 @@ class CompiledModel(nn.Module):
     One graph per input shape and train/eval mode (``dynamic=False``: a fixed batch, crop and mask ratio
     give fixed shapes); DDP, when used, wraps this module, so dynamo never sees its hooks.
     """
+
+    static_shapes = True  # callers keep input shapes fixed (sliding-window inference fills up its last batch)
 
     def __init__(
         self, model: nn.Module, backend: str | Callable[..., Any] = "inductor", mode: str | None = None
@@ -272,13 +322,65 @@ class CompiledModel(nn.Module):
                     return self.compiled(*args, **kwargs)
             except Exception as error:  # backends raise many types; the eager retry re-raises real bugs
                 self.failed = True
-                warnings.warn(
-                    f"torch.compile of the model failed ({type(error).__name__}: {str(error)[:500]}); "
-                    "continuing eagerly",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                _warn_eager_fallback("the model", error)
         return self.model(*args, **kwargs)
+
+
+class CompiledOptimizerStep:
+    """Gradient clipping (of ``parameters``, to ``grad_clip``) and ``optimizer``'s step as one compiled
+    graph (``fullgraph``, static shapes), eager (with one warning) from the first compilation failure on.
+
+    It calls the optimizer's undecorated ``step``: torch's decorated one breaks the graph on purpose
+    around the update (to switch grad mode) and the LR scheduler's wrapper around it is not traced.
+    The graph runs under ``no_grad`` instead, so AOTAutograd sees an inference graph of in-place
+    updates. Skipped with the decoration: the optimizer's step hooks (none are used here) and its
+    profiler label. A fresh optimizer's first step stays eager: it creates the state (AdamW's moments,
+    SGD's momentum buffers), so the graph sees the state it keeps from its first call on (SGD's empty
+    buffers would otherwise recompile it at the second step).
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        parameters: list[nn.Parameter],
+        grad_clip: float | None,
+        backend: str | Callable[..., Any] = "inductor",
+        mode: str | None = None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.parameters = parameters
+        self.grad_clip = grad_clip
+        self.update = inspect.unwrap(type(optimizer).step)
+        self.compiled = torch.compile(self._step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
+        self.failed = False
+
+    def _step(self) -> None:
+        if self.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.grad_clip)
+        self.update(self.optimizer)
+
+    def __call__(self) -> bool:
+        """Clip and step through the graph; False where the caller must step eagerly instead (a fresh
+        optimizer, or compilation failed)."""
+        if self.failed or not self.optimizer.state:
+            return False
+        try:
+            with torch.no_grad():
+                self.compiled()
+        except Exception as error:  # as CompiledModel: a compiler failure must not stop a run
+            self.failed = True
+            _warn_eager_fallback("the optimizer step", error)
+            return False
+        self.optimizer._opt_called = True  # what the scheduler's wrapper of step() sets (else it warns)
+        return True
+
+
+def _warn_eager_fallback(what: str, error: Exception) -> None:
+    warnings.warn(
+        f"torch.compile of {what} failed ({type(error).__name__}: {str(error)[:500]}); continuing eagerly",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:

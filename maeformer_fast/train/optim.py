@@ -38,16 +38,36 @@ OPTIMIZERS = ("adamw", "sgd")
 
 
 def make_optimizer(
-    name: str, groups: list[dict], lr: float, betas: tuple[float, float] = (0.9, 0.999)
+    name: str,
+    groups: list[dict],
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    tensor_lr: bool = False,
 ) -> torch.optim.Optimizer:
     """``name`` over parameter ``groups``: "adamw" (with ``betas``) or "sgd" (Nesterov momentum 0.99,
     as nnU-Net). Plain momentum SGD is linear in the gradient, so a gradient of the wrong scale shows
-    in its steps, where Adam's normalisation hides it."""
+    in its steps, where Adam's normalisation hides it.
+
+    ``tensor_lr`` (for a compiled optimizer step, see ``Optimisation.compile_step``): each group's
+    learning rate is its own 0-dim tensor on the parameters' device, which the LR schedule fills in
+    place -- a float that changes every step would recompile the step, and a CPU tensor would keep
+    it off CUDA graphs. AdamW is then also ``capturable`` on CUDA (its step counts stay on the device,
+    no host read). Not ``fused``: torch.compile refuses to trace the fused kernels (torch 2.13 wraps
+    ``_fused_adamw`` in ``torch.compiler.disable``), and inductor fuses the foreach step itself.
+    Without ``tensor_lr`` the optimizer is the plain float-lr one.
+    """
     if name not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {list(OPTIMIZERS)}, got {name!r}")
+    options: dict = {}
+    if tensor_lr:
+        device = groups[0]["params"][0].device
+        # One tensor per group: a shared default tensor would make the groups' lrs one value. The
+        # schedule's base lr ("initial_lr") stays the exact float, not the tensor's float32 rounding.
+        groups = [{**g, "lr": torch.tensor(lr * 1.0, device=device), "initial_lr": lr} for g in groups]
+        options = {"capturable": device.type == "cuda"} if name == "adamw" else {}
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.99, nesterov=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **options)
 
 
 def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.0) -> float:
@@ -64,10 +84,54 @@ def poly(step: int, total: int, power: float = 0.9) -> float:
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, schedule: Callable[[int], float]) -> LambdaLR:
-    """LambdaLR applying ``schedule(step)`` times each group's ``lr_scale``."""
+    """LambdaLR applying ``schedule(step)`` times each group's ``lr_scale``; tensor learning rates are
+    filled in place (torch 2.13's LambdaLR does, :class:`FloatLambdaLR` makes sure), and the
+    scheduler reports floats either way."""
+    for group in optimizer.param_groups:  # float base lrs: a tensor one would turn float lrs into tensors
+        group.setdefault("initial_lr", float(group["lr"]))
     factors = [functools.partial(_scaled, schedule, g.get("lr_scale", 1.0)) for g in optimizer.param_groups]
-    return LambdaLR(optimizer, factors)
+    return FloatLambdaLR(optimizer, factors)
+
+
+class FloatLambdaLR(LambdaLR):
+    """LambdaLR that keeps tensor learning rates the same tensors and reports floats."""
+
+    def step(self, epoch: int | None = None) -> None:
+        tensors = [
+            g["lr"] if isinstance(g["lr"], torch.Tensor) else None for g in self.optimizer.param_groups
+        ]
+        super().step(epoch)
+        for group, tensor in zip(self.optimizer.param_groups, tensors):
+            if tensor is not None and group["lr"] is not tensor:  # torch versions that assign, not fill
+                group["lr"] = tensor.fill_(float(group["lr"]))
+
+    def get_last_lr(self) -> list[float]:
+        """The learning rates of the last step, computed as LambdaLR sets them (base lr times the
+        factor): reading them back from device tensors would wait for the device at every log line."""
+        return [base * factor(self.last_epoch) for factor, base in zip(self.lr_lambdas, self.base_lrs)]
 
 
 def _scaled(schedule: Callable[[int], float], scale: float, step: int) -> float:
     return scale * schedule(step)
+
+
+# Group settings that say how an optimizer runs, not what it learned: a resumed run keeps its own.
+RUNTIME_OPTIONS = ("capturable", "foreach", "fused", "differentiable")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load ``state`` (an optimizer ``state_dict``) into ``optimizer``, which keeps its own way of
+    running: its learning rates stay floats or its own tensors (filled with the loaded values), and
+    its runtime options (capturable, ...) stay -- so ``load_state_dict`` places AdamW's step counts
+    as they want (capturable: float32 on the parameters' device).
+
+    So a checkpoint of a float-lr run resumes into a tensor-lr (compiled) run and back; plain
+    ``load_state_dict`` would take the saved groups' lr types and options over.
+    """
+    own = [{k: g[k] for k in ("lr", *RUNTIME_OPTIONS) if k in g} for g in optimizer.param_groups]
+    saved_groups = [{**saved, **{k: v for k, v in mine.items() if k != "lr"}}
+                    for saved, mine in zip(state["param_groups"], own)]  # fmt: skip
+    optimizer.load_state_dict({**state, "param_groups": saved_groups})
+    for group, mine in zip(optimizer.param_groups, own):
+        loaded = float(group["lr"])
+        group["lr"] = mine["lr"].fill_(loaded) if isinstance(mine["lr"], torch.Tensor) else loaded

@@ -18,7 +18,7 @@ from ..models.pretrained import save_encoder
 from ..ops.masking import num_visible_units, visible_mask_grid
 from .checkpoint import CheckpointManager, unwrap
 from .distributed import barrier, mean_across_ranks
-from .loop import Optimisation, RunConfig, prepare_model, setup_run
+from .loop import Optimisation, RunConfig, compiles_optimizer_step, prepare_model, setup_run
 from .optim import make_optimizer, make_scheduler, param_groups, warmup_cosine
 from .previews import save_reconstruction_png
 from .runtime import (
@@ -86,9 +86,10 @@ def build_optimisation(
     config: PretrainConfig, model: MaskedAutoencoder, precision: str, device: torch.device
 ) -> Optimisation:
     """AdamW (betas 0.9, 0.95) or SGD with warmup + cosine, a gradient scaler for fp16, clipping,
-    accumulation."""
+    accumulation; tensor learning rates where the run compiles its optimizer step."""
     groups = param_groups(model, config.weight_decay)
-    optimizer = make_optimizer(config.optimizer, groups, config.lr, betas=(0.9, 0.95))
+    tensor_lr = compiles_optimizer_step(config, precision, device)
+    optimizer = make_optimizer(config.optimizer, groups, config.lr, (0.9, 0.95), tensor_lr)
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
     scheduler = make_scheduler(
         optimizer, lambda s: warmup_cosine(s, config.steps, warmup, config.min_lr_ratio)
@@ -130,9 +131,9 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     checkpoints = CheckpointManager(out / "checkpoints")
     start_step, meta = optimisation.resume(checkpoints, config)
     earlier_s = meta.get("elapsed_s", 0.0)  # training time before a resume, so logs count the whole run
-    train_model = prepare_model(
-        model, dist_info, device, resolve_compile(config.compile, device), config.activation_checkpointing
-    )
+    train_model = prepare_model(model, dist_info, device, resolve_compile(config.compile, device),
+                                config.activation_checkpointing, compile_mode=config.compile_mode,
+                                optimisation=optimisation)  # fmt: skip
     micro_steps = config.accumulate_steps
     if dist_info.is_main:
         (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))

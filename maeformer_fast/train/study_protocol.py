@@ -80,11 +80,13 @@ def step_flops(
     in_channels: int,
     num_classes: int,
     mask_ratio: float | None,
+    encoder: str = "sparse",
 ) -> int:
     """Counted FLOPs (``torch.utils.flop_counter``: matmuls, convolutions, attention) of one training
-    step's forward and backward on the CPU: the sparse MAE step when ``mask_ratio`` is given, else a
-    fine-tuning step (dense encoder, segmentation decoder, deep-supervision loss). Optimizer updates
-    and elementwise work are not counted; they are a small share and alike in both kinds of step."""
+    step's forward and backward on the CPU: the MAE step with ``encoder`` "sparse" (visible tokens only)
+    or "dense" (SimMIM-style) when ``mask_ratio`` is given, else a fine-tuning step (dense encoder,
+    segmentation decoder, deep-supervision loss). Optimizer updates and elementwise work are not
+    counted; they are a small share and alike in every kind of step."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..models.nnformer import NNFormer
@@ -102,6 +104,7 @@ def step_flops(
                 out="",
                 model=model,
                 mask_ratio=mask_ratio,
+                encoder=encoder,
                 model_overrides={**overrides, "in_channels": in_channels},
             )
         )
