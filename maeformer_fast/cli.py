@@ -42,6 +42,8 @@ SCALING_HELP = {
     "more compute",
     "compile": "torch.compile the whole model (default: off until measured faster on the GPU; "
     "falls back to eager with a warning)",
+    "cuda_graph": "with --compile on one CUDA GPU: replay the compiled model and optimizer step as CUDA "
+    "graphs (mode reduce-overhead); off: compile without CUDA graphs",
 }
 PRETRAIN_HELP.update(SCALING_HELP)
 
