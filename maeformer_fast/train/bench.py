@@ -62,21 +62,20 @@ def training_step(
     with device:  # weights made on the device directly: the synapse model has 150 M parameters
         images = torch.randn(batch_size, 1, *crop)
         if task == "pretrain":
-            config = pt.PretrainConfig(data="", out="", model=model_name, encoder=mode,
-                                       model_overrides=overrides, steps=1000)  # fmt: skip
+            config = pt.PretrainConfig(data="", out="", model=model_name, encoder=mode, steps=1000,
+                                       model_overrides=overrides, compile=compile_model)  # fmt: skip
             model = pt.build_mae(config)
             optimisation = pt.build_optimisation(config, model, precision, device)
         elif task == "finetune":
             config = ft.FinetuneConfig(data="", out="", model=model_name, model_overrides=overrides,
-                                       steps=1000)  # fmt: skip
+                                       steps=1000, compile=compile_model)  # fmt: skip
             model = NNFormer(get_config(model_name, **overrides))
             optimisation = ft.build_optimisation(config, model, precision, device)
             labels = torch.randint(0, model.config.num_classes, (batch_size, *crop))
         else:
             raise ValueError(f"task must be 'pretrain' or 'finetune', got {task!r}")
-    train_model = prepare_model(
-        model, DistInfo(), device, compile_model, activation_checkpointing, compile_backend, compile_mode
-    )
+    train_model = prepare_model(model, DistInfo(), device, compile_model, activation_checkpointing,
+                                compile_backend, compile_mode, optimisation)  # fmt: skip
     unit_grid = model.encoder.unit_grid(crop)
 
     def loss_of(_micro: int) -> torch.Tensor:
