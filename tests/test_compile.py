@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from maeformer_fast.cli import build_parser
+from maeformer_fast.cli_args import dataclass_from_args
 from maeformer_fast.models.config import get_config
 from maeformer_fast.models.mae import MaskedAutoencoder
 from maeformer_fast.models.nnformer import NNFormer
@@ -19,7 +21,13 @@ from maeformer_fast.train import finetune as ft
 from maeformer_fast.train import pretrain as pt
 from maeformer_fast.train.checkpoint import CheckpointManager
 from maeformer_fast.train.distributed import DistInfo
-from maeformer_fast.train.loop import CompiledModel, Optimisation, RunConfig, prepare_model
+from maeformer_fast.train.loop import (
+    CompiledModel,
+    Optimisation,
+    RunConfig,
+    prepare_model,
+    resolve_compile_mode,
+)
 from maeformer_fast.train.optim import make_optimizer, make_scheduler, param_groups, warmup_cosine
 
 CPU = torch.device("cpu")
@@ -399,3 +407,18 @@ def test_each_group_keeps_its_own_lr_tensor(monkeypatch):
     assert all(g["lr"] is tensor for g, tensor in zip(optimizer.param_groups, tensors))
     assert [t.item() for t in tensors] == pytest.approx([1e-2, 2e-2])  # scale 0.5 at factor 2; 1 at 2
     assert scheduler.get_last_lr() == [1e-2, 2e-2]
+
+
+def test_cuda_graph_setting_picks_the_compile_mode():
+    """``--cuda-graph`` (default) captures on one CUDA device and nowhere else; ``--no-cuda-graph``
+    compiles in torch.compile's default mode; the command line reaches the config. Resolving a mode
+    needs no GPU: it reads only the device type and the world size."""
+    cuda, one, two = torch.device("cuda"), DistInfo(), DistInfo(world_size=2)
+    args = build_parser().parse_args(["pretrain", "--data", "d", "--out", "o", "--no-cuda-graph"])
+    off = dataclass_from_args(pt.PretrainConfig, args)
+    on = pt.PretrainConfig(data="d", out="o")
+    assert on.cuda_graph and not off.cuda_graph
+    assert resolve_compile_mode(on.compile_mode, cuda, one) == "reduce-overhead"
+    assert resolve_compile_mode(off.compile_mode, cuda, one) is None
+    assert resolve_compile_mode(on.compile_mode, cuda, two) is None  # DDP: the default mode
+    assert resolve_compile_mode(on.compile_mode, CPU, one) is None
