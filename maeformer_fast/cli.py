@@ -119,7 +119,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .train.predict import predict
 
-    files = predict(args.model, args.input, args.out, args.device, args.precision, args.overlap, args.mirror)
+    files = predict(args.model, args.input, args.out, args.device, args.precision, args.overlap, args.mirror,
+                    args.compile)  # fmt: skip
     print(f"wrote {len(files)} label maps to {args.out}")
     return 0
 
@@ -317,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), fp32, bf16, fp16")
     pred.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default: 0.5)")
     pred.add_argument("--mirror", action="store_true", help="average predictions over axis flips (8x slower)")
+    pred.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                      help="torch.compile the model, one graph per window shape, CUDA graphs on one GPU "
+                           "(default: the device's default)")  # fmt: skip
     pred.set_defaults(func=cmd_predict)
 
     imp = sub.add_parser(

@@ -181,9 +181,12 @@ def finetune(
         num_workers=config.num_workers, data_on_device=config.data_on_device,
     )  # fmt: skip
 
+    # Validation runs the compiled model when the run compiles: one eval graph per window shape.
+    validation_model = train_model.module if dist_info.enabled else train_model
+
     def validate(step: int) -> float:
-        scores = score_cases(model, run.cache, val_cases, crop, model.config.num_classes, plan["spacing"],
-                             device, run.precision)  # fmt: skip
+        scores = score_cases(validation_model, run.cache, val_cases, crop, model.config.num_classes,
+                             plan["spacing"], device, run.precision)  # fmt: skip
         return summarise(scores)["mean"]
 
     case_ids: list[str] = []  # the cases of the current step's micro-batches, for error messages

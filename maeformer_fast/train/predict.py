@@ -10,9 +10,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from .distributed import DistInfo
 from .evaluation import predict_case
+from .loop import CompiledModel, resolve_compile_mode
 from .metrics import dice, hd95, per_class_scores
-from .runtime import resolve_precision, use_device
+from .runtime import resolve_compile, resolve_precision, use_device
 
 
 def nifti_files(path: Path) -> list[Path]:
@@ -41,13 +43,16 @@ def group_channels(files: list[Path], num_channels: int) -> dict[str, list[Path]
 
 
 def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device: str = "auto",
-            precision: str = "auto", overlap: float = 0.5, mirror: bool = False) -> list[Path]:  # fmt: skip
+            precision: str = "auto", overlap: float = 0.5, mirror: bool = False,
+            compile: bool | None = None) -> list[Path]:  # fmt: skip
     """Segment every volume under ``inputs`` and write ``<case>.nii.gz`` label maps (uint8) to ``out``,
     in each input's own shape, affine and orientation (preprocessing undone).
 
     ``model_path``: a model file, or a fine-tuning output folder (its best ``model.safetensors``).
     An unreadable input does not stop the others: every readable one is written, then a DatasetError
-    lists the bad ones."""
+    lists the bad ones. ``compile`` (default: the device's, ``runtime.resolve_compile``) runs the
+    windows through the compiled model: one graph per window shape, on one GPU replayed as a CUDA
+    graph."""
     from ..data import DatasetError, preprocess_volume, restore_to_original, write_nifti
     from ..models.pretrained import load_segmenter
 
@@ -58,7 +63,9 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
         model_path = model_path / "model.safetensors"
     model, plan, _ = load_segmenter(model_path)
     model.to(torch_device)
-    crop = model.config.crop_size
+    crop, num_classes = model.config.crop_size, model.config.num_classes
+    if resolve_compile(compile, torch_device):
+        model = CompiledModel(model, mode=resolve_compile_mode("auto", torch_device, DistInfo()))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written, problems = [], []
@@ -69,7 +76,7 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
         except DatasetError as error:
             problems += error.problems
             continue
-        labels = predict_case(model, image, crop, model.config.num_classes, torch_device, resolved, overlap,
+        labels = predict_case(model, image, crop, num_classes, torch_device, resolved, overlap,
                               mirror=mirror)  # fmt: skip
         restored, affine = restore_to_original(labels, geometry)
         written.append(write_nifti(out / f"{name}.nii.gz", restored.astype(np.uint8), affine))
