@@ -388,6 +388,44 @@ def test_failing_step_compiler_falls_back_to_the_eager_step():
         torch.testing.assert_close(q, p, rtol=0, atol=0)
 
 
+def test_compiled_optimizer_steps_keep_compiling_run_after_run():
+    """Ten runs in one process (as the study makes), each with its own compiled optimizer step: none
+    falls back. Mutation caught: without dropping the earlier runs' graphs, dynamo's recompile limit
+    (8) stops the ninth run's compilation (a fullgraph hard failure, then the eager fallback)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        runs = [small_optimisation("adamw", tensor_lr=True) for _ in range(10)]
+        for optimisation in runs:
+            train(optimisation, range(2))
+    assert [run.compiled_update.failed for run in runs] == [False] * 10, [str(w.message) for w in record]
+
+
+def test_an_error_after_a_compiled_step_is_raised_not_retried_eagerly():
+    """A failure of the compiled step once it has run (say, out of memory in a replay) is raised: the
+    graph may have updated the weights already, and an eager retry would update them twice.
+    Mutation caught: falling back to the eager step at any failure."""
+    optimisation = small_optimisation("adamw", tensor_lr=True)
+    train(optimisation, range(3))
+    step = optimisation.compiled_update
+
+    def replay_fails():
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    step.compiled = replay_fails
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(optimisation, range(3, 4))
+
+
+def test_a_checkpoint_with_other_parameter_groups_is_refused():
+    """Mutation caught: groups paired by zip, which drops the extra ones and loads the rest silently."""
+    from maeformer_fast.train.optim import load_optimizer_state
+
+    saved = small_optimisation("adamw", tensor_lr=False).optimizer.state_dict()
+    saved["param_groups"] = saved["param_groups"][:1]
+    with pytest.raises(ValueError, match="1 parameter groups, this run's 2"):
+        load_optimizer_state(small_optimisation("adamw", tensor_lr=True).optimizer, saved)
+
+
 def test_each_group_keeps_its_own_lr_tensor(monkeypatch):
     """Tensor lrs: one per group (different lr scales, different values), filled in place by the
     schedule -- also where torch's scheduler would assign floats instead (torch versions before the

@@ -120,3 +120,20 @@ def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, name: str 
     gradient sums hundreds of products, so element-wise relative errors mean little)."""
     error = (actual - expected).abs().max() / expected.abs().max()
     assert error <= 5e-6, f"{name}: largest difference {error:.2e} of the largest magnitude"
+
+
+@pytest.mark.parametrize(("backend", "from_grid"), [("torch", True), ("reference", False)])
+def test_the_plan_groups_exactly_where_the_blocks_do_not_cut_the_grid(backend, from_grid):
+    """The plan skips the sort of a dense stage exactly when its blocks cut windows from the grid, and
+    groups it where they read a grouping: otherwise every block would sort on every call. Mutation
+    caught: the plan grouping every stage regardless (groupings where the blocks never read them)."""
+    from maeformer_fast.models.config import get_config
+    from maeformer_fast.models.nnformer import NNFormer
+
+    model = NNFormer(get_config("small", embed_dim=8, num_heads=(1, 1, 2, 2), attention_backend=backend))
+    plan = model.encoder.plan(1, (32, 48, 32), "cpu")
+    for stage, layout in zip(model.encoder.stages, plan.stages):
+        tokens = Tokens(torch.zeros(layout.coords.shape[0], 8), layout)
+        kinds = {type(block.windows(tokens)) for block in stage.blocks}
+        assert kinds == {GridWindows if from_grid else WindowGrouping}
+        assert bool(layout.groupings) != from_grid

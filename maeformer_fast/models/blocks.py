@@ -137,7 +137,8 @@ class GridWindows:
 class TransformerBlock(nn.Module):
     """Pre-norm Swin-style block: (shifted) window attention then an MLP, each with a residual.
 
-    ``cyclic``: ACDC's official window attention (:meth:`WindowAttention.forward_cyclic`), dense only.
+    ``cyclic``: ACDC's official window attention (windows cut from the grid without a mask, see
+    :meth:`TransformerBlock.windows`), dense only.
     """
 
     def __init__(
@@ -172,9 +173,8 @@ class TransformerBlock(nn.Module):
 
     def windows(self, tokens: Tokens) -> WindowGrouping | GridWindows:
         """How this block's windows are formed on ``tokens``: cut from the grid where the tokens are
-        a dense grid and the attention runs on the torch backend (measured faster on the CPU than
-        sorting packed tokens, benchmarks/RESULTS.md) or the windows are ACDC's cyclic ones; else
-        the plan's grouping of packed tokens."""
+        a dense grid and the attention runs on the torch backend (``tokens.windows_from_grid``) or the
+        windows are ACDC's cyclic ones; else the plan's grouping of packed tokens."""
         device = tokens.features.device
         if not windows_from_grid(tokens.dense, self.cyclic, self.attn.backend, device):
             grouping, _ = tokens.grouping(self.window_size, self.shifted)

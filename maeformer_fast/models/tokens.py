@@ -41,7 +41,8 @@ def stage_window(grid: Triple, window: Triple, shifted: bool) -> tuple[Triple, T
 def windows_from_grid(dense: bool, cyclic: bool, backend: str, device: torch.device) -> bool:
     """Whether a block cuts its windows from the dense grid (``ops.grid_windows``) instead of
     grouping packed tokens: ACDC's cyclic windows always (dense only), and dense tokens whose
-    attention runs on the torch backend (measured faster on the CPU, benchmarks/RESULTS.md)."""
+    attention runs on the torch backend (level with grouping or slightly faster on the CPU, and
+    no sort in the plan: benchmarks/RESULTS.md)."""
     return cyclic or (dense and resolve_backend(backend, device) == "torch")
 
 

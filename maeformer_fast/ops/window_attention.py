@@ -127,7 +127,8 @@ def window_attention_torch(
     window_size: int | Sequence[int],
     scale: float,
 ) -> Tensor:
-    """Batch groups of equal (padded) length and attend per batch; see :func:`_pieces` and :func:`_attend`.
+    """Batch groups of equal (padded) length and attend per batch (:func:`_pieces`,
+    :func:`attend_with_bias`).
 
     Padding keys are masked with -inf; padding queries are computed and dropped. A batch's bias is at
     most (n, H, L, L), L <= prod(window): fine for windows, which is all this op is for.

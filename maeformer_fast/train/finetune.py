@@ -181,7 +181,8 @@ def finetune(
         num_workers=config.num_workers, data_on_device=config.data_on_device,
     )  # fmt: skip
 
-    # Validation runs the compiled model when the run compiles: one eval graph per window shape.
+    # Validation runs the compiled model when the run compiles: one eval graph per window shape. It
+    # shares the training graph's fallback: an eval graph that fails to compile turns both eager.
     validation_model = train_model.module if dist_info.enabled else train_model
 
     def validate(step: int) -> float:

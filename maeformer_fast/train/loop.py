@@ -353,6 +353,7 @@ class CompiledOptimizerStep:
         self.update = inspect.unwrap(type(optimizer).step)
         self.compiled = torch.compile(self._step, backend=backend, mode=mode, fullgraph=True, dynamic=False)
         self.failed = False
+        self.stepped = False  # a graph ran: a later failure may come after it updated the weights
 
     def _step(self) -> None:
         if self.grad_clip:
@@ -364,13 +365,21 @@ class CompiledOptimizerStep:
         optimizer, or compilation failed)."""
         if self.failed or not self.optimizer.state:
             return False
+        if not self.stepped:
+            # Every instance runs one code object (_step), and dynamo guards the parameters and the
+            # optimizer state by address: each new run in a process would add a graph until dynamo's
+            # recompile limit (8) stops compiling. A run's first step drops the other runs' graphs.
+            torch._dynamo.reset_code(CompiledOptimizerStep._step.__code__)
         try:
             with torch.no_grad():
                 self.compiled()
         except Exception as error:  # as CompiledModel: a compiler failure must not stop a run
+            if self.stepped:  # an eager retry could apply the update twice: not a compiler failure
+                raise
             self.failed = True
             _warn_eager_fallback("the optimizer step", error)
             return False
+        self.stepped = True
         self.optimizer._opt_called = True  # what the scheduler's wrapper of step() sets (else it warns)
         return True
 

@@ -128,6 +128,11 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     So a checkpoint of a float-lr run resumes into a tensor-lr (compiled) run and back; plain
     ``load_state_dict`` would take the saved groups' lr types and options over.
     """
+    if len(state["param_groups"]) != len(optimizer.param_groups):  # load_state_dict's own check, kept
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(state['param_groups'])} parameter groups, this run's "
+            f"{len(optimizer.param_groups)}: resume with the settings it was trained with"
+        )
     own = [{k: g[k] for k in ("lr", *RUNTIME_OPTIONS) if k in g} for g in optimizer.param_groups]
     saved_groups = [{**saved, **{k: v for k, v in mine.items() if k != "lr"}}
                     for saved, mine in zip(state["param_groups"], own)]  # fmt: skip

@@ -86,7 +86,10 @@ def step_flops(
     step's forward and backward on the CPU: the MAE step with ``encoder`` "sparse" (visible tokens only)
     or "dense" (SimMIM-style) when ``mask_ratio`` is given, else a fine-tuning step (dense encoder,
     segmentation decoder, deep-supervision loss). Optimizer updates and elementwise work are not
-    counted; they are a small share and alike in every kind of step."""
+    counted; they are a small share and alike in every kind of step. Attention is counted as the CPU
+    computes it, padding included: the dense steps' windows cut from the grid count padded and masked
+    pairs (a few percent more than the grouped windows count for the small config), the sparse
+    step's power-of-two buckets their padding; a study counts every step kind one way throughout."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..models.nnformer import NNFormer
