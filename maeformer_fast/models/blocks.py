@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
@@ -11,7 +9,7 @@ from ..ops.grid_windows import from_windows, to_windows, window_mask, window_row
 from ..ops.permute import permute_rows
 from ..ops.window_attention import attend_with_bias, varlen_window_attention
 from ..ops.window_groups import Triple, bias_table_size, official_to_correct_rows
-from .tokens import Tokens, WindowGrouping, stage_window, windows_from_grid
+from .tokens import GridWindows, Tokens, WindowGrouping, stage_window, windows_from_grid
 
 
 class DropPath(nn.Module):
@@ -121,17 +119,6 @@ class WindowAttention(nn.Module):
         out = attend_with_bias(q, k, v, bias.to(q.dtype), dim**-0.5)
         out = out.view(b, count, heads, length, dim).transpose(2, 3).reshape(b, count, length, -1)
         return from_windows(self.proj(out), windows.grid, window, shift)
-
-
-@dataclass(frozen=True)
-class GridWindows:
-    """Windows of a dense ``grid`` cut by ``ops.grid_windows``: ``window`` boxes rolled by ``shift``
-    and, where windows wrap around or hold padding, the (nW, L, L) ``mask`` of pairs that attend."""
-
-    grid: Triple
-    window: Triple
-    shift: Triple
-    mask: Tensor | None
 
 
 class TransformerBlock(nn.Module):

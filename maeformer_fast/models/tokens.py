@@ -27,6 +27,17 @@ class WindowGrouping:
     coords: Tensor
 
 
+@dataclass(frozen=True)
+class GridWindows:
+    """Windows of a dense ``grid`` cut by ``ops.grid_windows``: ``window`` boxes rolled by ``shift``
+    and, where windows wrap around or hold padding, the (nW, L, L) ``mask`` of pairs that attend."""
+
+    grid: Triple
+    window: Triple
+    shift: Triple
+    mask: Tensor | None
+
+
 def stage_window(grid: Triple, window: Triple, shifted: bool) -> tuple[Triple, Triple]:
     """Window and shift actually used on a stage grid.
 

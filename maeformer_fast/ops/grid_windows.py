@@ -52,10 +52,20 @@ def from_windows(x: Tensor, grid: Triple, window: Triple, shift: Triple) -> Tens
 
 def window_rows(window: Triple, table_window: Triple, device: torch.device) -> Tensor:
     """(L, L) rows of a bias table made for ``table_window`` for the offsets between the positions
-    of a ``window`` (C order; at most ``table_window``, smaller where a stage's grid clips it)."""
+    of a ``window`` (C order; at most ``table_window``, smaller where a stage's grid clips it).
+    Memoised in eager mode like :func:`window_mask`: every block of every step asks for it."""
+    if torch.compiler.is_compiling():
+        return _window_rows(window, table_window, device)
+    return _memoised_window_rows(window, table_window, device)
+
+
+def _window_rows(window: Triple, table_window: Triple, device: torch.device) -> Tensor:
     axes = [torch.arange(w, device=device) for w in window]
     local = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (L, 3)
     return relative_position_index(local[:, None] - local[None], table_window)
+
+
+_memoised_window_rows = functools.lru_cache(maxsize=64)(_window_rows)
 
 
 def window_mask(grid: Triple, window: Triple, shift: Triple, device: torch.device) -> Tensor | None:
