@@ -1,6 +1,6 @@
 """Loader throughput (crops/s, unlabeled MAE batches: crops, flips, intensity augmentation, masks) of
 every loader on this machine's device, next to the crops/s the sparse pretraining step of the small
-config consumes there (``train.bench.bench_loaders``: the loaders are timed in alternating rounds,
+config consumes there (``train.bench_loaders.bench_loaders``: the loaders are timed in alternating rounds,
 median of 3). Loaders: torch workers (2), DALI when installed, the volumes held in device memory
 (resident), and on CUDA the volumes in host memory with a prefetching copy (host-staged).
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from maeformer_fast.data import ensure_preprocessed, make_phantoms
-from maeformer_fast.train.bench import bench_loaders, limiting_verdict
+from maeformer_fast.train.bench_loaders import bench_loaders, limiting_verdict
 
 HIPPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -155,7 +155,7 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
     """Crops/s of each loader next to the crops/s the sparse pretraining step consumes; which limits."""
     import torch
 
-    from .train.bench import bench_loaders, limiting_verdict
+    from .train.bench_loaders import bench_loaders, limiting_verdict
 
     if args.data is None:
         raise ValueError("--loader needs --data (a dataset folder or a preprocessing cache)")
@@ -178,7 +178,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Time the training steps on this machine; print the table (launches, MFU, sparse/dense ratio)."""
     import json
 
-    from .train.bench import CASES, MODES, bench, format_table
+    from .train.bench import CASES, MODES, bench
+    from .train.bench_table import format_table
 
     if args.loader:
         return cmd_bench_loader(args)

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from maeformer_fast.cli import main
 from maeformer_fast.train import bench as bench_module
+from maeformer_fast.train import bench_table, step_metrics
 from maeformer_fast.train.bench import bench
 from maeformer_fast.train.study_protocol import step_flops
 
@@ -61,9 +62,9 @@ def test_mfu_of_a_hand_worked_matmul():
         a @ a
     flops = counter.get_total_flops()
     assert flops == 2 * 1024**3
-    found = bench_module.utilisation(flops, ms_per_step=4.0, peak=2.0)
+    found = step_metrics.utilisation(flops, ms_per_step=4.0, peak=2.0)
     assert found["tflops"] == pytest.approx(0.536870912) and found["mfu"] == pytest.approx(0.268435456)
-    assert bench_module.utilisation(flops, 4.0, None)["mfu"] is None
+    assert step_metrics.utilisation(flops, 4.0, None)["mfu"] is None
 
 
 def test_case_flops_count_one_sample_times_the_batch():
@@ -96,7 +97,7 @@ def test_cpu_launches_are_the_aten_ops_called_per_step():
         return 0.0
 
     step()
-    assert bench_module.count_launches(step, torch.device("cpu"), steps=3) == {"launches": 6, "kernels": None}
+    assert step_metrics.count_launches(step, torch.device("cpu"), steps=3) == {"launches": 6, "kernels": None}
 
 
 def test_cuda_launches_and_kernels_from_profiler_events():
@@ -112,7 +113,7 @@ def test_cuda_launches_and_kernels_from_profiler_events():
     cpu = torch.autograd.DeviceType.CPU
     events = [SimpleNamespace(name=n, device_type=cpu, cpu_parent=None) for n in host]
     events += [SimpleNamespace(name=n, device_type=CUDA, cpu_parent=None) for n in device]
-    assert bench_module.launches_in(events * 2, "cuda", steps=2) == {"launches": 5, "kernels": 9}
+    assert step_metrics.launches_in(events * 2, "cuda", steps=2) == {"launches": 5, "kernels": 9}
 
 
 def test_peaks_from_the_datasheet_table_else_the_users_else_none(monkeypatch):
@@ -121,7 +122,7 @@ def test_peaks_from_the_datasheet_table_else_the_users_else_none(monkeypatch):
     as TF32 only where torch lets matmuls use it. Caught: a substring match (tried: ``"H100" in name``:
     the PCIe part got the SXM peak), the user's peak ignored for known GPUs (tried: the table first),
     and fp32 always taken as TF32 (tried: no precision check)."""
-    peak = bench_module.peak_tflops
+    peak = step_metrics.peak_tflops
     assert peak("NVIDIA H200", "bf16") == 989.4 and peak("NVIDIA H100 80GB HBM3", "tf32") == 494.7
     assert peak("NVIDIA A100-SXM4-80GB", "fp32") == 19.5 and peak("NVIDIA A100 80GB PCIe", "fp16") == 312.0
     for unknown in ("NVIDIA H100 PCIe", "NVIDIA GeForce RTX 4090", "cpu"):
@@ -130,12 +131,12 @@ def test_peaks_from_the_datasheet_table_else_the_users_else_none(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
     assert (
-        bench_module.matmul_dtype("fp32", cuda) == "fp32"
-        and bench_module.matmul_dtype("bf16", cuda) == "bf16"
+        step_metrics.matmul_dtype("fp32", cuda) == "fp32"
+        and step_metrics.matmul_dtype("bf16", cuda) == "bf16"
     )
     monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
     assert (
-        bench_module.matmul_dtype("fp32", cuda) == "tf32" and bench_module.matmul_dtype("fp32", cpu) == "fp32"
+        step_metrics.matmul_dtype("fp32", cuda) == "tf32" and step_metrics.matmul_dtype("fp32", cpu) == "fp32"
     )
 
 
@@ -172,7 +173,7 @@ def test_modes_compile_as_named_and_a_failing_case_leaves_the_rest(monkeypatch):
                      ("pretrain", "sparse", True, None), ("pretrain", "dense", True, None)]  # fmt: skip
     assert rows[3]["error"] == "RuntimeError: out of memory" and rows[2]["flops"] == 10**9
     assert "fell_back" not in rows[0] and rows[2]["fell_back"].startswith("torch.compile of the model failed")
-    assert bench_module.format_row(rows[2]).endswith("fell back to eager (fell_back in --json)")
+    assert bench_table.format_row(rows[2]).endswith("fell back to eager (fell_back in --json)")
     assert bench_module.MODES["captured"] == (True, "reduce-overhead")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert bench_module.default_modes(cpu, None) == ["eager"] == bench_module.default_modes(cuda, False)

@@ -15,7 +15,7 @@ from maeformer_fast.data import AugmentConfig, make_loader
 from maeformer_fast.data.loaders import make_sampler
 from maeformer_fast.data.resident import Volumes, resident_batches
 from maeformer_fast.ops.masking import random_unit_mask
-from maeformer_fast.train.bench import bench_loaders, limiting_verdict
+from maeformer_fast.train.bench_loaders import bench_loaders, limiting_verdict
 from maeformer_fast.train.runtime import step_generator
 
 CROP = (48, 64, 32)  # larger than the phantoms (40x56x48) on two axes: padding is exercised

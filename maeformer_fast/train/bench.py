@@ -1,6 +1,7 @@
 """Training-step throughput on this machine (``maeformer bench``): sparse vs dense MAE pretraining and
 fine-tuning, each the project's own training step on random inputs made on the device, eager, compiled
-and captured (compiled and replayed as CUDA graphs), with launches per step and model FLOP utilisation.
+and captured (compiled and replayed as CUDA graphs), with launches per step and model FLOP utilisation
+(``step_metrics``); the table is ``bench_table``'s, the loader comparison ``bench_loaders``'.
 
 A step is ``Optimisation.accumulate`` + ``step`` as in the training loops: autocast, loss, backward,
 gradient clipping, the optimizer and LR schedule, and the one host read of the loss per step.
@@ -9,15 +10,11 @@ gradient clipping, the optimizer and LR schedule, and the one host read of the l
 from __future__ import annotations
 
 import gc
-import importlib.util
 import math
-import re
-import statistics
 import time
 import traceback
 import warnings
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +26,7 @@ from ..ops.window_groups import Triple
 from .distributed import DistInfo
 from .loop import prepare_model
 from .runtime import resolve_compile, resolve_precision, use_device
+from .step_metrics import count_launches, matmul_dtype, peak_tflops, synchronize, utilisation
 from .study_protocol import step_flops
 
 MASK_RATIO = 0.75
@@ -92,11 +90,6 @@ def training_step(
     return step, math.prod(crop) * batch_size
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(step: Callable[[], float], device: torch.device, seconds: float, min_steps: int = 3) -> dict:
     """Steps for about ``seconds`` (at least ``min_steps``) after the caller's warm-up: steps,
     ms_per_step, steps_per_s and the last step's loss."""
@@ -129,58 +122,12 @@ def measure_step(
 
 # The step each case times: task and encoder of training_step.
 CASES = {"sparse": ("pretrain", "sparse"), "dense": ("pretrain", "dense"), "finetune": ("finetune", "dense")}
-CASE_LABELS = {"sparse": "pretrain sparse", "dense": "pretrain dense", "finetune": "finetune"}
 # How each mode runs the model: (compile it, torch.compile mode). "captured" replays the compiled
 # forward and backward (and optimizer step) as CUDA graphs. Compiled modes warm up for 5 steps:
 # compilation, CUDA-graph recording and the first replay, one step later for the optimizer step (its
 # first step, which creates its state, is eager), all fall in the first four.
 MODES = {"eager": (False, None), "compiled": (True, None), "captured": (True, "reduce-overhead")}
 WARMUP_STEPS = {"eager": 1, "compiled": 5, "captured": 5}
-PROFILED_STEPS = 3
-
-# Dense (no 2:4 sparsity) peak TFLOPS per dtype, from NVIDIA's datasheets: H100 SXM5 (the H200 SXM has
-# the same compute) and A100 (SXM4 and PCIe alike). Matched on torch.cuda.get_device_name(); the
-# H100/H200 PCIe and NVL parts have lower peaks and are deliberately not matched.
-PEAK_TFLOPS = (
-    (
-        re.compile(r"^NVIDIA H(100 80GB HBM3|200)$"),
-        {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
-    ),
-    (re.compile(r"^NVIDIA A100[- ]"), {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
-)
-# Host-side calls that launch work on a CUDA device: kernels (runtime, and the driver calls Triton
-# makes) and CUDA-graph replays.
-LAUNCH_CALL = re.compile(r"^cu(da)?(LaunchKernel|LaunchCooperativeKernel|GraphLaunch)")
-
-
-def matmul_dtype(precision: str, device: torch.device) -> str:
-    """The dtype the step's matmuls run in, which picks the peak: autocast's bf16/fp16; fp32 runs as
-    TF32 on CUDA where torch allows it (``torch.backends.cuda.matmul.allow_tf32`` or float32 matmul
-    precision "high"/"medium"; off by default). cuDNN convolutions follow ``torch.backends.cudnn.
-    allow_tf32`` (on by default), so an fp32 MFU may include some TF32-rate conv work."""
-    if precision != "fp32":
-        return precision
-    if device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
-        return "tf32"
-    return "fp32"
-
-
-def peak_tflops(device_name: str, dtype: str, override: float | None = None) -> float | None:
-    """Dense peak TFLOPS of ``device_name`` for ``dtype``: ``override`` (``--peak-tflops``) when given,
-    else :data:`PEAK_TFLOPS`' entry, else None (an unknown device, or the CPU)."""
-    if override is not None:
-        return override
-    for pattern, peaks in PEAK_TFLOPS:
-        if pattern.search(device_name):
-            return peaks[dtype]
-    return None
-
-
-def utilisation(flops: int, ms_per_step: float, peak: float | None) -> dict[str, float | None]:
-    """Achieved TFLOPS (``flops`` per step / seconds per step / 1e12) and MFU (that / ``peak``
-    TFLOPS, a fraction; None without a peak)."""
-    tflops = flops / (ms_per_step / 1e3) / 1e12
-    return {"tflops": tflops, "mfu": None if peak is None else tflops / peak}
 
 
 def case_flops(case: str, model: str, crop: Triple, batch_size: int, overrides: dict[str, Any]) -> int:
@@ -194,54 +141,6 @@ def case_flops(case: str, model: str, crop: Triple, batch_size: int, overrides: 
     ratio = MASK_RATIO if task == "pretrain" else None
     one = step_flops(model, overrides, crop, 1, config.in_channels, config.num_classes, ratio, encoder)
     return batch_size * one
-
-
-def _outermost_aten(event: Any) -> bool:
-    """Whether a profiler event is an aten op with no aten op above it (called from Python or the
-    autograd engine, not from inside another op)."""
-    if not event.name.startswith("aten::"):
-        return False
-    parent = event.cpu_parent
-    while parent is not None:
-        if parent.name.startswith("aten::"):
-            return False
-        parent = parent.cpu_parent
-    return True
-
-
-def launches_in(events: Sequence[Any], device_type: str, steps: int) -> dict[str, float | None]:
-    """Launches per step in the profiler ``events`` of ``steps`` steps.
-
-    CUDA: ``launches`` = host calls that launch device work (cudaLaunchKernel, the driver's
-    cuLaunchKernel(Ex) that Triton uses; a CUDA-graph replay is one cudaGraphLaunch, whatever it holds),
-    ``kernels`` = kernels the device ran (kernel events: each kernel of a replayed graph counts;
-    memcpy and memset not). CPU: ``launches`` = aten ops called from Python or the autograd engine
-    (an op's own internal calls are part of it) -- the per-op host cost that kernel launches are on
-    CUDA; ``kernels`` None.
-    """
-    if device_type == "cuda":
-        launches = sum(1 for e in events if LAUNCH_CALL.match(e.name))
-        kernels = sum(
-            1
-            for e in events
-            if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
-        )
-        return {"launches": launches / steps, "kernels": kernels / steps}
-    return {"launches": sum(map(_outermost_aten, events)) / steps, "kernels": None}
-
-
-def count_launches(step: Callable[[], float], device: torch.device, steps: int = PROFILED_STEPS) -> dict:
-    """:func:`launches_in` of ``steps`` steps of ``step`` run under ``torch.profiler`` (after the
-    caller's warm-up)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    synchronize(device)
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    return launches_in(prof.events(), device.type, steps)
 
 
 def default_modes(device: torch.device, compile_model: bool | None) -> list[str]:
@@ -351,166 +250,3 @@ def bench(
             if on_row is not None:
                 on_row(row)
     return rows
-
-
-# The table's figures: heading and width.
-COLUMNS = (("ms/step", 9), ("steps/s", 9), ("Mvox/s", 8), ("launches", 10), ("kernels", 9), ("GFLOP", 9),
-           ("TFLOPS", 9), ("MFU", 7), ("peak MiB", 10), ("warm-up s", 10))  # fmt: skip
-
-
-def _number(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _line(step: str, mode: str, cells: Sequence[str]) -> str:
-    return f"{step:<17}{mode:<10}" + "".join(f"{c:>{w}}" for c, (_, w) in zip(cells, COLUMNS))
-
-
-def _setting(row: dict) -> tuple:
-    return row["model"], tuple(row["crop"]), row["batch"], row["precision"], row["device"]
-
-
-def legend(rows: list[dict]) -> list[str]:
-    """What the table's launches and MFU columns mean for the device types and peaks of ``rows``."""
-    lines = []
-    if any(r["device_type"] == "cuda" for r in rows):
-        lines.append("launches: host calls launching device work per step (a CUDA-graph replay is one); "
-                     "kernels: kernels the GPU ran per step")  # fmt: skip
-    if any(r["device_type"] != "cuda" for r in rows):
-        lines.append("launches (CPU): aten ops called from Python or autograd per step, the CPU's analogue "
-                     "of kernel launches")  # fmt: skip
-    lines.append("GFLOP: counted per step (matmul, conv, attention; forward + backward); MFU = GFLOP / time "
-                 "/ the device's dense peak for the matmul dtype")  # fmt: skip
-    for device, peak in dict.fromkeys((r["device"], r["peak_tflops"]) for r in rows):
-        lines.append(
-            f"peak of {device}: " + ("unknown, MFU n/a (--peak-tflops)" if peak is None else f"{peak} TFLOPS")
-        )
-    return lines
-
-
-def format_row(row: dict) -> str:
-    """One table line of a :func:`bench` row."""
-    if "ms_per_step" not in row:
-        return f"{CASE_LABELS[row['case']]:<17}{row['mode']:<10}" + (
-            row.get("skipped") or f"error: {row['error']}"
-        )
-    cells = [f"{row['ms_per_step']:.1f}", f"{row['steps_per_s']:.2f}", f"{row['voxels_per_s'] / 1e6:.2f}",
-             f"{row['launches']:.0f}", _number(row["kernels"], ".0f"), f"{row['flops'] / 1e9:.1f}",
-             f"{row['tflops']:.3g}", "n/a" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%",
-             _number(row.get("peak_mib"), ".0f"), f"{row['warmup_s']:.1f}"]  # fmt: skip
-    note = "  fell back to eager (fell_back in --json)" if "fell_back" in row else ""
-    return _line(CASE_LABELS[row["case"]], row["mode"], cells) + note
-
-
-def speed_ratios(rows: list[dict]) -> str | None:
-    """The sparse / dense pretraining speed ratio of each mode with both steps timed, as a line."""
-    ms = {(r["case"], r["mode"]): r["ms_per_step"] for r in rows if "ms_per_step" in r}
-    timed = [m for m in dict.fromkeys(r["mode"] for r in rows) if {("sparse", m), ("dense", m)} <= ms.keys()]
-    ratios = ", ".join(f"{m} {ms['dense', m] / ms['sparse', m]:.2f}x" for m in timed)
-    return f"sparse / dense pretraining speed: {ratios}" if timed else None
-
-
-def format_table(rows: list[dict]) -> list[str]:
-    """The table of :func:`bench` rows (of one or several settings): the legend, then per setting a
-    heading, one line per (case, mode) and the sparse/dense speed ratios."""
-    lines = legend(rows)
-    for setting in dict.fromkeys(map(_setting, rows)):
-        group = [r for r in rows if _setting(r) == setting]
-        model, crop, batch, precision, device = setting
-        threads = "" if group[0]["device_type"] == "cuda" else f", torch threads: {group[0]['threads']}"
-        lines += [
-            "",
-            f"{model}, crop {'x'.join(map(str, crop))}, batch {batch}, {precision} on {device}{threads}",
-        ]
-        lines += [_line("step", "mode", [name for name, _ in COLUMNS]), *map(format_row, group)]
-        lines += [line for line in [speed_ratios(group)] if line]
-    return lines
-
-
-def loader_iterators(
-    cache: Path, crop: Triple, batch_size: int, device: torch.device, mask: tuple[Triple, float], workers: int
-) -> dict[str, Iterator[dict[str, Any]]]:
-    """The loaders ``maeformer bench --loader`` compares, each giving unlabeled MAE batches (crops,
-    flips, intensity augmentation, masks) of ``cache`` on ``device``: worker processes reading the
-    memory-mapped cache, DALI (when installed), the volumes held in device memory, and on CUDA the
-    volumes held in host memory with a prefetching copy."""
-    from ..data.loaders import make_loader, make_sampler
-    from ..data.resident import image_storage_dtype, resident_batches
-
-    def loader(**kwargs: Any) -> Iterator[dict[str, Any]]:
-        return make_loader(cache, crop, batch_size, labeled=False, device=device, num_workers=workers,
-                           mask=mask, **kwargs)  # fmt: skip
-
-    found = {"workers": loader(backend="torch")}
-    if importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None:
-        found["dali"] = loader(backend="dali")
-    found["resident"] = loader(data_on_device="on")
-    if device.type == "cuda":
-        sampler = make_sampler(cache, crop, batch_size, labeled=False)
-        dtype = image_storage_dtype(sampler, device)
-        found["host-staged"] = resident_batches(sampler, False, device, 0, True, dtype, mask)
-    return found
-
-
-def bench_loaders(
-    data: str,
-    model: str = "small",
-    crop_size: Sequence[int] | None = None,
-    batch_size: int = 2,
-    device: str = "auto",
-    precision: str = "auto",
-    seconds: float = 5.0,
-    compile: bool | None = None,
-    num_workers: int = 2,
-    rounds: int = 3,
-) -> list[dict]:
-    """Crops/s of each loader of :func:`loader_iterators` on ``data`` (a dataset or cache) and the
-    crops/s the sparse MAE pretraining step of ``model`` consumes on the same device.
-
-    The loaders are timed in ``rounds`` alternating rounds of ``seconds / rounds`` each after one
-    warm-up batch (worker start, pipeline build, loading into memory); each row's crops_per_s is the
-    median round. Returns rows (name, crops_per_s), the training step last (name "training step").
-    """
-    from ..data import ensure_preprocessed
-
-    torch_device = use_device(device)
-    resolved = resolve_precision(precision, torch_device)
-    crop = tuple(crop_size or get_config(model).crop_size)
-    step, _ = training_step("pretrain", model, crop, batch_size, resolved, torch_device,
-                            compile_model=resolve_compile(compile, torch_device))  # fmt: skip
-    consumed = measure_step(step, 0, torch_device, seconds)["steps_per_s"] * batch_size
-    del step
-    grid = NNFormer(get_config(model)).encoder.unit_grid(crop)
-    cache = ensure_preprocessed(data, progress=False)
-    iterators = loader_iterators(cache, crop, batch_size, torch_device, (grid, MASK_RATIO), num_workers)
-    rates: dict[str, list[float]] = {name: [] for name in iterators}
-    for batches in iterators.values():
-        next(batches)
-    for _ in range(rounds):
-        for name, batches in iterators.items():
-
-            def cut(batches: Iterator[dict[str, Any]] = batches) -> float:
-                next(batches)
-                return 0.0
-
-            rates[name].append(time_steps(cut, torch_device, seconds / rounds)["steps_per_s"] * batch_size)
-    rows = [{"name": name, "crops_per_s": statistics.median(r)} for name, r in rates.items()]
-    return [*rows, {"name": "training step", "crops_per_s": consumed}]
-
-
-def limiting_verdict(rows: list[dict]) -> str:
-    """Which side limits, from :func:`bench_loaders`' rows: every loader slower than the training
-    step it feeds is named with its shortfall; else the step limits and the slowest loader's margin."""
-    *loaders, step = rows
-    short = [r for r in loaders if r["crops_per_s"] < step["crops_per_s"]]
-    if short:
-        return "; ".join(
-            f"{r['name']} limits: {r['crops_per_s'] / step['crops_per_s']:.2f}x the crops/s the step consumes"
-            for r in short
-        )
-    slowest = min(loaders, key=lambda r: r["crops_per_s"])
-    margin = slowest["crops_per_s"] / step["crops_per_s"]
-    return (
-        f"the training step limits: the slowest loader ({slowest['name']}) supplies {margin:.1f}x the "
-        "crops/s the step consumes"
-    )
