@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The study at converged budgets (issue 17) on Task04_Hippocampus, for a GPU session.
+# The study at converged budgets (issue 17) on Task04_Hippocampus, on a GPU or, in chunks, on CPUs:
+#   OMP_NUM_THREADS=1 NUM_WORKERS=0 JOBS=1 HOURS=2.5 bash results/hippocampus_study_converged/run.sh
 # Rerun the whole script to resume: every finished pretraining, tuning run and arm is kept (its
 # pretrain.json / result.json), an interrupted one continues from its last checkpoint, and each call
 # starts no new run after HOURS hours (default 1.8), so the study runs in chunks of about two hours.
@@ -9,6 +10,10 @@ DATA=${DATA:-../shared/data/Task04_Hippocampus}
 OUT=${OUT:-runs/hippocampus_study_converged}
 REPORT=results/hippocampus_study_converged
 HOURS=${HOURS:-1.8}
+# Loader worker processes per run (unused where the cache is held in memory, as on the CPU).
+NUM_WORKERS=${NUM_WORKERS:-2}
+# Labeled counts trained at once in stage 2 (6 = all side by side, for a GPU; 1-2 on a small CPU).
+JOBS=${JOBS:-6}
 # An external labeled folder to score every arm's selected model on as well (optional).
 EXTRA=(${TEST_DATA:+--test-data "$TEST_DATA"})
 COMMON=(--protocol converged --data "$DATA" --out "$OUT" --seeds 5
@@ -18,9 +23,10 @@ COMMON=(--protocol converged --data "$DATA" --out "$OUT" --seeds 5
         --encoder-stages 3 --mask-ratios 0.6,0.75 --tune-labeled 2 --tune-seed 100
         --tune-lrs 3e-4,1e-3,3e-3 --tune-warmups 100,1000 --tune-layer-decays 1.0,0.75
         --tune-freeze-steps 0,500 --tune-scratch-lrs 2e-4,5e-4,1e-3,2e-3,3e-3,5e-3
-        --precision fp32 --num-workers 2 --max-hours "$HOURS" --no-progress "${EXTRA[@]}")
+        --precision fp32 --num-workers "$NUM_WORKERS" --max-hours "$HOURS" --no-progress "${EXTRA[@]}")
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/machine.txt" || true
+{ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null ||
+  echo "$(nproc --all) CPU cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"; } | tee -a "$OUT/machine.txt"
 
 # 1. Pretext choice (mask ratio 0.6 vs 0.75 on the 3-stage encoder, short pretraining), the long and
 #    short pretraining, counted FLOPs, MAE recipe and scratch-lr tuning: validation only, no arms yet.
@@ -31,11 +37,16 @@ if [ ! -f "$OUT/choices.json" ]; then
     exit 75
 fi
 
-# 2. The arms (mae, mae_short, scratch x 5 seeds), one process per labeled count side by side on the
-#    one GPU; they share only the finished pretraining and tuning runs.
+# 2. The arms (mae, mae_short, scratch x 5 seeds), one process per labeled count, JOBS of them at a
+#    time (all six side by side on one GPU); they share only the finished pretraining and tuning runs.
 for K in 1 2 4 8 16 all; do
-    maeformer study "${COMMON[@]}" --labeled "$K" --report-dir "$OUT/report-$K" \
-        >> "$OUT/arms-$K.log" 2>&1 &
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done
+    # what is left of this call's HOURS (a later labeled count gets no fresh budget of its own)
+    left=$(python3 -c "print(round($HOURS - $SECONDS / 3600, 3))")
+    if python3 -c "import sys; sys.exit(not $left > 0.05)"; then
+        maeformer study "${COMMON[@]}" --max-hours "$left" --labeled "$K" --report-dir "$OUT/report-$K" \
+            >> "$OUT/arms-$K.log" 2>&1 &
+    fi
 done
 wait
 

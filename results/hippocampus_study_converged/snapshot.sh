@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Copy the small records of a study still in progress (run.sh's work folder) into partial/, to commit
+# between chunks: pretraining logs, records and last previews, tuning-run logs and results, finished
+# arms' results, the machine and the study's settings. Weights and checkpoints stay in the work folder.
+set -euo pipefail
+OUT=${OUT:-runs/hippocampus_study_converged}
+DEST=${DEST:-results/hippocampus_study_converged/partial}
+mkdir -p "$DEST"
+cp "$OUT"/machine.txt "$OUT"/study_config.json "$OUT"/tuning.json "$OUT"/choices.json "$OUT"/flops.json \
+    "$DEST"/ 2>/dev/null || true
+for run in "$OUT"/pretrain/*/ "$OUT"/tuning/*/ "$OUT"/runs/labeled-*/seed-*/*/; do
+    [ -d "$run" ] || continue
+    name=${run#"$OUT"/}
+    mkdir -p "$DEST/$name"
+    cp "$run"/*.json "$run"/*.csv "$DEST/$name" 2>/dev/null || true
+    last_preview=$(ls "$run"/previews/*.png 2>/dev/null | tail -1 || true)
+    if [ -n "$last_preview" ]; then cp "$last_preview" "$DEST/$name"; fi
+done
+echo "copied the study's records from $OUT to $DEST"
