@@ -3,12 +3,12 @@ their layout: positions plus the window groupings and conv indices that the step
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ..ops.memo import memoised_when_eager
 from ..ops.window_attention import resolve_backend
 from ..ops.window_groups import Triple, as_triple, window_groups
 
@@ -230,21 +230,10 @@ def grid_features(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 4, 1).reshape(-1, x.shape[1])
 
 
+@memoised_when_eager
 def dense_positions(batch_size: int, grid: Triple, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Coordinates (B*Z*Y*X, 3) and batch indices (B*Z*Y*X,) of a dense grid in C order.
-
-    Memoised in eager mode, where every dense stage of every step asks for the same few grids; traced
-    afresh under torch.compile (a compiled graph holds no cache, and dynamo warns about one).
-    """
-    if torch.compiler.is_compiling():
-        return _grid_positions(batch_size, grid, device)
-    return _memoised_grid_positions(batch_size, grid, device)
-
-
-def _grid_positions(batch_size: int, grid: Triple, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Coordinates (B*Z*Y*X, 3) and batch indices (B*Z*Y*X,) of a dense grid in C order; memoised in
+    eager mode, where every dense stage of every step asks for the same few grids."""
     axes = [torch.arange(n, device=device) for n in (batch_size, *grid)]
     mesh = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 4)
     return mesh[:, 1:].contiguous(), mesh[:, 0].contiguous()
-
-
-_memoised_grid_positions = functools.lru_cache(maxsize=64)(_grid_positions)

@@ -10,12 +10,12 @@ padding. So the result equals the grouped path's on any grid size, partial windo
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 from torch import Tensor
 
+from .memo import memoised_when_eager
 from .window_groups import Triple, relative_position_index
 
 
@@ -50,22 +50,14 @@ def from_windows(x: Tensor, grid: Triple, window: Triple, shift: Triple) -> Tens
     return x[:, : grid[0], : grid[1], : grid[2]] if any(pads) else x
 
 
+@memoised_when_eager
 def window_rows(window: Triple, table_window: Triple, device: torch.device) -> Tensor:
     """(L, L) rows of a bias table made for ``table_window`` for the offsets between the positions
     of a ``window`` (C order; at most ``table_window``, smaller where a stage's grid clips it).
-    Memoised in eager mode like :func:`window_mask`: every block of every step asks for it."""
-    if torch.compiler.is_compiling():
-        return _window_rows(window, table_window, device)
-    return _memoised_window_rows(window, table_window, device)
-
-
-def _window_rows(window: Triple, table_window: Triple, device: torch.device) -> Tensor:
+    Memoised in eager mode: every block of every step asks for it."""
     axes = [torch.arange(w, device=device) for w in window]
     local = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)  # (L, 3)
     return relative_position_index(local[:, None] - local[None], table_window)
-
-
-_memoised_window_rows = functools.lru_cache(maxsize=64)(_window_rows)
 
 
 def window_mask(grid: Triple, window: Triple, shift: Triple, device: torch.device) -> Tensor | None:
@@ -76,11 +68,10 @@ def window_mask(grid: Triple, window: Triple, shift: Triple, device: torch.devic
     """
     if not any(shift) and not any((-g) % w for g, w in zip(grid, window)):
         return None
-    if torch.compiler.is_compiling():
-        return _window_mask(grid, window, shift, device)
-    return _memoised_window_mask(grid, window, shift, device)
+    return _window_mask(grid, window, shift, device)
 
 
+@memoised_when_eager
 def _window_mask(grid: Triple, window: Triple, shift: Triple, device: torch.device) -> Tensor:
     # Per position its unrolled cell + 1 on each axis, cut into windows like the features: the zero
     # padding that to_windows adds then reads as cell 0 on every axis, which no real position has.
@@ -88,6 +79,3 @@ def _window_mask(grid: Triple, window: Triple, shift: Triple, device: torch.devi
              for g, w, s in zip(grid, window, shift)]  # fmt: skip
     labels = to_windows(torch.stack(torch.meshgrid(*cells, indexing="ij"), dim=-1)[None], window, shift)[0]
     return (labels[:, :, None, :] == labels[:, None, :, :]).all(-1)  # (nW, L, L)
-
-
-_memoised_window_mask = functools.lru_cache(maxsize=64)(_window_mask)
