@@ -21,6 +21,17 @@ def test_published_configs_have_the_official_parameter_counts(name, official):
     assert sum(p.numel() for p in model.parameters()) == official
 
 
+def test_json_list_overrides_build_the_same_model_as_tuples():
+    """Overrides read from JSON (a study's encoder layout, a saved config) come as lists; the model
+    must train with them as with tuples (lists once reached a memoised bias lookup: TypeError)."""
+    lists = {"depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_sizes": [[4, 4, 4]] * 3}
+    tuples = {"depths": (2, 2, 2), "num_heads": (2, 4, 8), "window_sizes": ((4, 4, 4),) * 3}
+    assert get_config("small", **lists) == get_config("small", **tuples)
+    torch.manual_seed(0)
+    model = NNFormer(get_config("small", **lists)).train()
+    model(torch.randn(1, 1, 16, 16, 16))[0].sum().backward()
+
+
 @pytest.mark.parametrize("size", [(13, 37, 22), (32, 48, 32), (1, 1, 1), (17, 16, 33)])
 def test_any_input_size_gives_logits_of_that_size(size):
     torch.manual_seed(0)

@@ -137,13 +137,18 @@ class NNFormerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> NNFormerConfig:
-        tuples = {"depths", "num_heads", "patch_size", "crop_size", "decoder_heads"}
-        nested = {"window_sizes", "embed_strides", "down_kernels", "down_strides", "down_paddings"}
-        fixed = {
-            k: None if v is None else tuple(v) if k in tuples else tuple(map(tuple, v)) if k in nested else v
-            for k, v in values.items()
-        }
-        return cls(**fixed)
+        return cls(**as_tuples(values))
+
+
+def as_tuples(values: dict) -> dict:
+    """Config fields with JSON's lists (a saved config, a study's overrides) turned into the tuples the
+    model hashes and compares, e.g. ``window_sizes`` [[4, 4, 4]] -> ((4, 4, 4),)."""
+    tuples = {"depths", "num_heads", "patch_size", "crop_size", "decoder_heads"}
+    nested = {"window_sizes", "embed_strides", "down_kernels", "down_strides", "down_paddings"}
+    return {
+        k: None if v is None else tuple(v) if k in tuples else tuple(map(tuple, v)) if k in nested else v
+        for k, v in values.items()
+    }
 
 
 def nnformer_synapse(**overrides) -> NNFormerConfig:
@@ -230,4 +235,4 @@ def get_config(name: str, **overrides) -> NNFormerConfig:
     """Build a named config; unknown names get a clear error listing the known ones."""
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model config {name!r}; choose one of {sorted(MODEL_CONFIGS)}")
-    return MODEL_CONFIGS[name](**overrides)
+    return MODEL_CONFIGS[name](**as_tuples(overrides))
