@@ -179,6 +179,37 @@ def test_compiler_failing_on_the_backward_falls_back_too():
     assert_same(result, run(eager, segmenter_loss, 0), exact=True)
 
 
+def test_an_eval_graph_that_fails_to_compile_leaves_training_compiled():
+    """Validation (eval mode) gets its own graph; its failure must not turn the training step eager."""
+    compiled, graphs_run = [], {"train": 0}
+
+    def eval_breaks(graph, example_inputs):  # the first graph is the training one, the second eval's
+        compiled.append(graph)
+        if len(compiled) > 1:
+            raise RuntimeError("no lowering for the eval graph")
+
+        def counted(*args):
+            graphs_run["train"] += 1
+            return graph.forward(*args)
+
+        return counted
+
+    eager = segmenter(drop_path_rate=0.0)
+    model = copy.deepcopy(eager)
+    train_model = prepare_model(model, DistInfo(), CPU, compile_model=True, compile_backend=eval_breaks)
+    assert_same(run(train_model, segmenter_loss, 0, model), run(eager, segmenter_loss, 0), exact=True)
+    assert graphs_run["train"] == 1
+    train_model.eval()
+    with pytest.warns(RuntimeWarning, match="continuing eagerly in eval mode"), torch.no_grad():
+        image = torch.ones(1, 1, *CROP)
+        torch.testing.assert_close(train_model(image), eager.eval()(image))
+    train_model.train()
+    eager.train()
+    assert_same(run(train_model, segmenter_loss, 1, model), run(eager, segmenter_loss, 1), exact=True)
+    assert graphs_run["train"] == 2  # the training graph again, not the eager model
+    assert train_model.eager_modes == {False}
+
+
 # --- The whole training step: the model and the optimizer step (clipping + AdamW/SGD) compiled ---
 
 STEPS = 5  # five batches and masks; the first optimizer step is eager (it creates the state)

@@ -298,8 +298,9 @@ def resolve_compile_mode(mode: str | None, device: torch.device, dist_info: Dist
 
 
 class CompiledModel(nn.Module):
-    """``model`` compiled whole, run eagerly (with one warning) from the first compilation failure on:
-    a missing compiler toolchain or an unsupported op must not stop a run.
+    """``model`` compiled whole; a mode (training or eval) runs eagerly (with one warning) from its first
+    compilation failure on: a missing compiler toolchain or an unsupported op must not stop a run, and
+    a validation graph that fails to compile must not turn the training step eager too.
 
     One graph per input shape and train/eval mode (``dynamic=False``: a fixed batch, crop and mask ratio
     give fixed shapes); DDP, when used, wraps this module, so dynamo never sees its hooks.
@@ -313,16 +314,21 @@ class CompiledModel(nn.Module):
         super().__init__()
         self.model = model
         self.compiled = torch.compile(model, backend=backend, mode=mode, fullgraph=True, dynamic=False)
-        self.failed = False
+        self.eager_modes: set[bool] = set()  # values of ``training`` whose compilation failed
+
+    @property
+    def failed(self) -> bool:
+        """Whether some mode fell back to eager."""
+        return bool(self.eager_modes)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if not self.failed:
+        if self.training not in self.eager_modes:
             try:
                 with _backward_compiled_with_forward():
                     return self.compiled(*args, **kwargs)
             except Exception as error:  # backends raise many types; the eager retry re-raises real bugs
-                self.failed = True
-                _warn_eager_fallback("the model", error)
+                self.eager_modes.add(self.training)
+                _warn_eager_fallback("the model", error, "training" if self.training else "eval")
         return self.model(*args, **kwargs)
 
 
@@ -384,9 +390,11 @@ class CompiledOptimizerStep:
         return True
 
 
-def _warn_eager_fallback(what: str, error: Exception) -> None:
+def _warn_eager_fallback(what: str, error: Exception, mode: str | None = None) -> None:
+    in_mode = f" in {mode} mode" if mode else ""
     warnings.warn(
-        f"torch.compile of {what} failed ({type(error).__name__}: {str(error)[:500]}); continuing eagerly",
+        f"torch.compile of {what} failed ({type(error).__name__}: {str(error)[:500]}); continuing eagerly"
+        f"{in_mode}",
         RuntimeWarning,
         stacklevel=3,
     )
