@@ -3,9 +3,13 @@
 # captured-step test on the GPU, then `maeformer bench` -- the command users run -- for the sparse vs
 # dense MAE steps (Synapse crop 64x128x128 at batch 8 and 2, small config at batch 32) and the
 # fine-tuning step (Synapse, batch 2), bf16, eager / compiled / captured (compiled + CUDA graphs), each
-# with ms/step, launches and kernels per step, MFU and peak memory.
+# with ms/step, launches and kernels per step, MFU and peak memory; and, where the official model files
+# travel in runs/official_nnformer (carry it; README says how to extract them), the captured fine-tuning
+# step against the official nnFormer's (benchmarks/official_step.py --compile, Synapse, batch 2).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on a CUDA machine, from the repository root
+#
+# The second device call of a GPU session, about 4 minutes: benchmarks/gpu_feed_check.sh (the data feed).
 #
 # Why it is built this way. A session has 15 minutes of device time (~40 s of it the machine's start),
 # and compilation is the cost: each compiled (case, shape, mode) took 60-78 s to warm up on an H200
@@ -22,18 +26,18 @@
 #     second `maeformer bench --modes compiled` warmed up in 37 s instead of 321 s for the sparse step
 #     and 85 s instead of 622 s for fine-tuning).
 #     Most important first: Synapse b8 sparse vs dense (eager, captured, compiled), the fine-tuning
-#     step (eager, captured, compiled), Synapse b2 sparse vs dense, small b32 sparse vs dense (eager,
-#     captured). Each part has a time limit, cut to what is left before the deadline, and each row
+#     step (eager, captured), ours captured against the official code, Synapse b2 sparse vs dense,
+#     small b32 sparse vs dense (eager, captured). Each part has a time limit, cut to what is left before the deadline, and each row
 #     reaches rows.jsonl when measured: a cache miss or a hang costs only the rows after it, and a
 #     shape that was not reached is named in the status lines.
-# Plain compiled (without CUDA graphs) runs only for Synapse b8 and fine-tuning: what it adds over
-# captured is whether the graphs or the fusion give the speed-up, which those cases answer.
+# Plain compiled (without CUDA graphs) runs only for Synapse b8: what it adds over captured is whether
+# the graphs or the fusion give the speed-up, which that case answers.
 # Per-layer sparse conv timings (sparse_conv_layers.py --device cuda), the kernel-level profile
 # (gpu_profile_pretrain.py) and the other GPU scripts run on their own.
 #
-# Results under $OUT (five files; the device returns few): table.txt (the statuses and the table,
-# also printed), rows.jsonl (every measured row), bench.log, warm.log, tests.log. Needs torch, triton,
-# pytest and hypothesis; installs nothing.
+# Results under $OUT (six files; the device returns eight at most): table.txt (the statuses and the
+# table, also printed), rows.jsonl (every measured row), official_step.json, bench.log, warm.log,
+# tests.log. Needs torch, triton, pytest and hypothesis; installs nothing.
 set -u
 out=${OUT:?set OUT to the folder for the results}
 mkdir -p "$out"
@@ -54,7 +58,7 @@ background() { # NAME COMMAND...: run in the background (niced by $NICE) until w
     ) &
 }
 
-measure() { # NAME LIMIT ARGS...: one `maeformer bench` with a time limit cut to the deadline
+limited() { # NAME LIMIT COMMAND...: run with a time limit cut to the deadline; log to bench.log
     local name=$1 limit=$2 left=$((deadline - SECONDS)) started=$SECONDS
     shift 2
     ((left < limit)) && limit=$left
@@ -62,9 +66,15 @@ measure() { # NAME LIMIT ARGS...: one `maeformer bench` with a time limit cut to
         echo "$name: not reached (${left} s left)" >>"$logs/status"
         return
     fi
-    echo "== $name: maeformer bench $*" >>"$out/bench.log"
-    timeout "$limit" "${bench[@]}" --seconds 2 --json "$out/rows.jsonl" "$@" >>"$out/bench.log" 2>&1
+    echo "== $name: $*" >>"$out/bench.log"
+    timeout "$limit" "$@" >>"$out/bench.log" 2>&1
     echo "$name: exit $? after $((SECONDS - started)) s (limit $limit s)" >>"$logs/status"
+}
+
+measure() { # NAME LIMIT ARGS...: one `maeformer bench` (limited), its rows into rows.jsonl
+    local name=$1 limit=$2
+    shift 2
+    limited "$name" "$limit" "${bench[@]}" --seconds 2 --json "$out/rows.jsonl" "$@"
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$logs/gpu" 2>&1
@@ -77,7 +87,12 @@ export NICE=5 TORCHINDUCTOR_COMPILE_THREADS=4 # seven compiling processes share 
 warm=("${bench[@]}" --seconds 0)
 background warm_b8_sparse "${warm[@]}" "${synapse[@]}" --batch-size 8 --cases sparse --modes captured,compiled
 background warm_b8_dense "${warm[@]}" "${synapse[@]}" --batch-size 8 --cases dense --modes captured,compiled
-background warm_finetune "${warm[@]}" "${synapse[@]}" --batch-size 2 --cases finetune --modes captured,compiled
+background warm_finetune "${warm[@]}" "${synapse[@]}" --batch-size 2 --cases finetune --modes captured
+official=runs/official_nnformer # the official model files, where they travel (carry)
+official_step=(python benchmarks/official_step.py --official "$official" --device cuda --compile)
+if [ -d "$official" ]; then
+    background warm_official "${official_step[@]}" --rounds 1 --steps-per-round 1
+fi
 background warm_b2_sparse "${warm[@]}" "${synapse[@]}" --batch-size 2 --cases sparse --modes captured
 background warm_b2_dense "${warm[@]}" "${synapse[@]}" --batch-size 2 --cases dense --modes captured
 background warm_small_sparse "${warm[@]}" "${small[@]}" --batch-size 32 --cases sparse --modes captured
@@ -87,7 +102,12 @@ wait
 
 # 2. The measurements, one at a time, most important first.
 measure synapse_b8 110 "${synapse[@]}" --batch-size 8 --cases sparse,dense --modes eager,captured,compiled
-measure finetune_b2 60 "${synapse[@]}" --batch-size 2 --cases finetune --modes eager,captured,compiled
+measure finetune_b2 60 "${synapse[@]}" --batch-size 2 --cases finetune --modes eager,captured
+if [ -d "$official" ]; then
+    limited official_step 60 "${official_step[@]}" --json "$out/official_step.json"
+else
+    echo "official_step: skipped ($official not carried)" >>"$logs/status"
+fi
 measure synapse_b2 50 "${synapse[@]}" --batch-size 2 --cases sparse,dense --modes eager,captured
 measure small_b32 45 "${small[@]}" --batch-size 32 --cases sparse,dense --modes eager,captured
 
@@ -111,4 +131,7 @@ rows_file = Path(sys.argv[1])
 rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []
 print("\n".join(format_table(rows)) if rows else "no bench rows were measured")
 EOF
+    if [ -f "$out/official_step.json" ]; then # official_step.py's own table, from the log
+        sed -n '/fine-tuning step, crop/,/official \/ ours/p' "$out/bench.log"
+    fi
 } | tee "$out/table.txt"

@@ -153,6 +153,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_bench_loader(args: argparse.Namespace) -> int:
     """Crops/s of each loader next to the crops/s the sparse pretraining step consumes; which limits."""
+    import json
+
     import torch
 
     from .train.bench_loaders import bench_loaders, limiting_verdict
@@ -161,11 +163,18 @@ def cmd_bench_loader(args: argparse.Namespace) -> int:
         raise ValueError("--loader needs --data (a dataset folder or a preprocessing cache)")
     rows = bench_loaders(args.data, args.model, args.crop_size, args.batch_size, args.device,
                          args.precision, args.seconds, args.compile, args.num_workers)  # fmt: skip
-    print(f"model {args.model}, batch {args.batch_size}, {torch.get_num_threads()} torch threads, "
+    setting = {"model": args.model, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+               "num_workers": args.num_workers}  # fmt: skip
+    print(f"model {args.model}, batch {args.batch_size}, {setting['threads']} torch threads, "
           f"{args.num_workers} loader workers")  # fmt: skip
     for r in rows:
         print(f"{r['name']:<16}{r['crops_per_s']:>10.1f} crops/s")
-    print(limiting_verdict(rows))
+    verdict = limiting_verdict(rows)
+    print(verdict)
+    if args.json:
+        with open(args.json, "a") as handle:
+            for r in rows:
+                handle.write(json.dumps({"bench": "loader", **setting, **r, "verdict": verdict}) + "\n")
     return 0
 
 

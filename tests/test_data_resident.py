@@ -4,6 +4,7 @@ host-staged path; float16 storage; the fallback when the cache does not fit; dam
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from maeformer_fast.cli import main
 from maeformer_fast.data import AugmentConfig, make_loader
 from maeformer_fast.data.loaders import make_sampler
 from maeformer_fast.data.resident import Volumes, resident_batches
@@ -152,3 +154,17 @@ def test_bench_loaders_times_every_loader_and_the_step(phantom_cache: Path) -> N
     names = [r["name"] for r in rows]
     assert names[0] == "workers" and names[-2:] == ["resident", "training step"]
     assert all(r["crops_per_s"] > 0 for r in rows)
+
+
+def test_bench_loader_command_writes_its_rows_as_json_lines(phantom_cache: Path, tmp_path: Path) -> None:
+    """``maeformer bench --loader --json PATH`` appends one line per loader and the step, each with the
+    setting and the verdict (gpu_feed_check.sh reads them). Mutation caught: --json ignored with
+    --loader (no file)."""
+    path = tmp_path / "rows.jsonl"
+    args = ["bench", "--loader", "--data", str(phantom_cache), "--crop-size", "32", "32", "32",
+            "--device", "cpu", "--seconds", "0.03", "--num-workers", "0", "--json", str(path)]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["name"] for r in rows][-2:] == ["resident", "training step"]
+    assert {r["bench"] for r in rows} == {"loader"} and {r["batch_size"] for r in rows} == {2}
+    assert rows[-1]["compiled"] is False and len({r["verdict"] for r in rows}) == 1

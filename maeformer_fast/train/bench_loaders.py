@@ -59,15 +59,17 @@ def bench_loaders(
 
     The loaders are timed in ``rounds`` alternating rounds of ``seconds / rounds`` each after one
     warm-up batch (worker start, pipeline build, loading into memory); each row's crops_per_s is the
-    median round. Returns rows (name, crops_per_s), the training step last (name "training step").
+    median round. Returns rows (name, crops_per_s), the training step last (name "training step",
+    ``compiled``: whether it ran compiled, on one GPU also captured as CUDA graphs).
     """
     from ..data import ensure_preprocessed
 
     torch_device = use_device(device)
     resolved = resolve_precision(precision, torch_device)
     crop = tuple(crop_size or get_config(model).crop_size)
+    compiled = resolve_compile(compile, torch_device)
     step, _ = training_step("pretrain", model, crop, batch_size, resolved, torch_device,
-                            compile_model=resolve_compile(compile, torch_device))  # fmt: skip
+                            compile_model=compiled)  # fmt: skip
     consumed = measure_step(step, 0, torch_device, seconds)["steps_per_s"] * batch_size
     del step
     grid = NNFormer(get_config(model)).encoder.unit_grid(crop)
@@ -85,7 +87,7 @@ def bench_loaders(
 
             rates[name].append(time_steps(cut, torch_device, seconds / rounds)["steps_per_s"] * batch_size)
     rows = [{"name": name, "crops_per_s": statistics.median(r)} for name, r in rates.items()]
-    return [*rows, {"name": "training step", "crops_per_s": consumed}]
+    return [*rows, {"name": "training step", "crops_per_s": consumed, "compiled": compiled}]
 
 
 def limiting_verdict(rows: list[dict]) -> str:

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Does the data feed keep a fast step fed? One device call of about 4 minutes (the second of a GPU
+# session, after gpu_check.sh), ending in one table, for the small config's sparse MAE step at batch 32:
+#  - crops/s of each loader (`maeformer bench --loader`: worker processes, the resident volumes, the
+#    host-staged copy) next to the crops/s the captured step consumes on random tensors;
+#    target: resident >= 3x the step;
+#  - a real pretraining run (`maeformer pretrain --compile`: resident data, captured step, the loss read
+#    every 10 steps) whose steady ms/step is set against the random-tensor step's (`maeformer bench`,
+#    captured); target: within 10%.
+#
+#   bash benchmarks/gpu_carry.sh                          # here, once: runs/gpu_carry (nibabel + data)
+#   OUT=/some/folder bash benchmarks/gpu_feed_check.sh    # on the device, carrying runs/gpu_carry
+#
+# Rehearse on a CPU with DEVICE=cpu BATCH=2 STEPS=30 MODES=eager COMPILE=--no-compile PRECISION=fp32.
+# Phases: warm-ups in parallel until WARM_UNTIL s (the captured random-tensor step, and a short
+# pretraining run that preprocesses the data and compiles the real-data graph), filling inductor's
+# caches; then the three measurements one after another on an idle machine, each cut to DEADLINE.
+# Results under $OUT: feed.txt (the table, also printed), rows.jsonl (bench rows), loaders.jsonl,
+# pretrain_log.csv (the real run's log), feed.log (all output).
+set -u
+out=${OUT:?set OUT to the folder for the results}
+carry=${CARRY:-runs/gpu_carry}
+data=$carry/${DATASET:-Task04_Hippocampus}
+device=${DEVICE:-cuda}
+batch=${BATCH:-32}
+steps=${STEPS:-400}
+modes=${MODES:-eager,captured}
+compile=${COMPILE:---compile}
+warm_until=${WARM_UNTIL:-150}
+deadline=${DEADLINE:-280}
+mkdir -p "$out"
+scratch=$(mktemp -d)
+log=$out/feed.log
+export PYTHONPATH=$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+if ! python -c "import nibabel" 2>/dev/null; then
+    python -m pip install -q --no-index --no-deps --target /tmp/site "$carry"/wheels/*.whl >>"$log" 2>&1 ||
+        { echo "no nibabel: run bash benchmarks/gpu_carry.sh here and carry $carry" | tee "$out/feed.txt"; exit 2; }
+fi
+[ -d "$data" ] || { echo "no dataset at $data: run bash benchmarks/gpu_carry.sh" | tee "$out/feed.txt"; exit 2; }
+cli=(python -m maeformer_fast.cli) # `maeformer`, installed or not
+setting=(--model small --batch-size "$batch" --device "$device" --precision "${PRECISION:-bf16}")
+quiet=(--no-progress --log-every 10 --checkpoint-every 1000000 --preview-every 1000000)
+
+limited() { # NAME LIMIT COMMAND...: run with a time limit cut to the deadline; log its status
+    local name=$1 limit=$2 left=$((deadline - SECONDS)) started=$SECONDS
+    shift 2
+    ((left < limit)) && limit=$left
+    if ((limit < 15)); then
+        echo "$name: not reached (${left} s left)" >>"$scratch/status"
+        return
+    fi
+    echo "== $name: $*" >>"$log"
+    timeout "$limit" "$@" >>"$log" 2>&1
+    echo "$name: exit $? after $((SECONDS - started)) s (limit $limit s)" >>"$scratch/status"
+}
+
+# 1. Warm-ups, in parallel: the random-tensor step, and a short real run (preprocessing included).
+(timeout "$warm_until" "${cli[@]}" bench "${setting[@]}" --cases sparse --modes "$modes" --seconds 0 \
+    >"$scratch/warm_bench.log" 2>&1; echo "warm_bench: exit $?" >>"$scratch/status") &
+(timeout "$warm_until" "${cli[@]}" pretrain --data "$data" --out "$scratch/warm_run" --steps 20 "$compile" \
+    "${setting[@]}" "${quiet[@]}" >"$scratch/warm_run.log" 2>&1; echo "warm_run: exit $?" >>"$scratch/status") &
+wait
+cat "$scratch"/warm_*.log >>"$log"
+
+# 2. The measurements, one at a time.
+limited random_step 60 "${cli[@]}" bench "${setting[@]}" --cases sparse --modes "$modes" --seconds 3 \
+    --json "$out/rows.jsonl"
+limited loaders 90 "${cli[@]}" bench --loader --data "$data" "${setting[@]}" "$compile" --seconds 6 \
+    --num-workers 4 --json "$out/loaders.jsonl"
+limited real_run 120 "${cli[@]}" pretrain --data "$data" --out "$scratch/run" --steps "$steps" "$compile" \
+    "${setting[@]}" "${quiet[@]}"
+cp "$scratch/run/pretrain_log.csv" "$out/" 2>/dev/null
+
+# 3. One table.
+{
+    echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo "$device")"
+    cat "$scratch/status"
+    python benchmarks/feed_table.py "$out/rows.jsonl" "$out/loaders.jsonl" "$out/pretrain_log.csv"
+} | tee "$out/feed.txt"
