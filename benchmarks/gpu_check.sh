@@ -58,18 +58,8 @@ background() { # NAME COMMAND...: run in the background (niced by $NICE) until w
     ) &
 }
 
-limited() { # NAME LIMIT COMMAND...: run with a time limit cut to the deadline; log to bench.log
-    local name=$1 limit=$2 left=$((deadline - SECONDS)) started=$SECONDS
-    shift 2
-    ((left < limit)) && limit=$left
-    if ((limit < 20)); then
-        echo "$name: not reached (${left} s left)" >>"$logs/status"
-        return
-    fi
-    echo "== $name: $*" >>"$out/bench.log"
-    timeout "$limit" "$@" >>"$out/bench.log" 2>&1
-    echo "$name: exit $? after $((SECONDS - started)) s (limit $limit s)" >>"$logs/status"
-}
+status_file=$logs/status log_file=$out/bench.log
+source benchmarks/gpu_limited.sh # limited NAME LIMIT COMMAND...
 
 measure() { # NAME LIMIT ARGS...: one `maeformer bench` (limited), its rows into rows.jsonl
     local name=$1 limit=$2

@@ -41,18 +41,8 @@ cli=(python -m maeformer_fast.cli) # `maeformer`, installed or not
 setting=(--model small --batch-size "$batch" --device "$device" --precision "${PRECISION:-bf16}")
 quiet=(--no-progress --log-every 10 --checkpoint-every 1000000 --preview-every 1000000)
 
-limited() { # NAME LIMIT COMMAND...: run with a time limit cut to the deadline; log its status
-    local name=$1 limit=$2 left=$((deadline - SECONDS)) started=$SECONDS
-    shift 2
-    ((left < limit)) && limit=$left
-    if ((limit < 15)); then
-        echo "$name: not reached (${left} s left)" >>"$scratch/status"
-        return
-    fi
-    echo "== $name: $*" >>"$log"
-    timeout "$limit" "$@" >>"$log" 2>&1
-    echo "$name: exit $? after $((SECONDS - started)) s (limit $limit s)" >>"$scratch/status"
-}
+status_file=$scratch/status log_file=$log min_limit=15
+source benchmarks/gpu_limited.sh # limited NAME LIMIT COMMAND...
 
 # 1. Warm-ups, in parallel: the random-tensor step, and a short real run (preprocessing included).
 (timeout "$warm_until" "${cli[@]}" bench "${setting[@]}" --cases sparse --modes "$modes" --seconds 0 \
