@@ -60,6 +60,8 @@ FINETUNE_HELP = {
     "steps": "optimizer steps",
     "optimizer": "adamw (warmup + cosine) or sgd (nesterov 0.99, poly 0.9: the nnU-Net recipe)",
     "lr": "peak learning rate (default: adamw 1e-3, sgd 1e-2)",
+    "lr_schedule": "decay: the optimizer's decay over --steps (adamw cosine, sgd poly); constant: warmup, "
+    "then the peak lr (for runs a stopping rule ends, where --steps is only a maximum)",
     "layer_decay": "layer-wise lr decay for the pretrained encoder (1 = off)",
     "val_every": "validate (sliding-window Dice) every N steps",
     "evaluate_test": "score the best model on the test split at the end",

@@ -21,6 +21,38 @@ from maeformer_fast.weights import save_weights
 HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "Task04_Hippocampus"
 
 
+@pytest.mark.parametrize(
+    ("schedule", "optimizer", "expected"),
+    [  # lr of steps 0..7, warmup 2 of 8 steps, peak 1e-3 (adamw) or 1e-2 (sgd)
+        ("constant", "adamw", [0.5e-3] + [1e-3] * 7),
+        ("constant", "sgd", [0.5e-2] + [1e-2] * 7),
+        # cosine from step 2: progress (s - 2) / 6, factor (1 + cos(pi * progress)) / 2
+        ("decay", "adamw", [0.5e-3, 1e-3, 1e-3, 0.933e-3, 0.75e-3, 0.5e-3, 0.25e-3, 0.067e-3]),
+        ("decay", "sgd", [1e-2 * (1 - s / 8) ** 0.9 for s in range(8)]),  # poly 0.9, no warmup
+    ],
+)
+def test_lr_schedules_by_hand(schedule, optimizer, expected):
+    """The schedules a fine-tuning run can use, step by step. Mutation caught: "constant" falling
+    through to the optimizer's decay (its rows get the cosine / poly values)."""
+    from maeformer_fast.train.finetune import build_optimisation
+
+    model = NNFormer(get_config("small", embed_dim=8, num_heads=(1, 1, 2, 2)))
+    config = FinetuneConfig(
+        data="", out="", steps=8, warmup_steps=2, optimizer=optimizer, lr_schedule=schedule
+    )
+    optimisation = build_optimisation(config, model, "fp32", torch.device("cpu"))
+    lrs = []
+    for _ in range(8):
+        lrs.append(optimisation.lr)
+        optimisation.scheduler.step()
+    assert lrs == pytest.approx(expected, abs=1e-6)
+
+
+def test_unknown_lr_schedule_is_refused():
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        FinetuneConfig(data="", out="", lr_schedule="cosine")
+
+
 def test_encoder_file_round_trip_and_exact_key_check(tmp_path):
     config = get_config("small", embed_dim=16, num_heads=(1, 2, 2, 4))
     encoder = NNFormerEncoder(config)

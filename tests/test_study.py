@@ -9,7 +9,7 @@ import pytest
 from maeformer_fast.data.cache import open_case
 from maeformer_fast.models.pretrained import load_segmenter
 from maeformer_fast.train.evaluation import predict_case
-from maeformer_fast.train.study import StudyConfig, parse_labeled, steps_to_fraction, study
+from maeformer_fast.train.study import StudyConfig, checkpoint_every, parse_labeled, steps_to_fraction, study
 
 
 def test_parse_labeled_and_steps_to_fraction():
@@ -17,6 +17,13 @@ def test_parse_labeled_and_steps_to_fraction():
     assert steps_to_fraction([(10, 0.2), (20, 0.58), (30, 0.6), (40, 0.5)]) == 20
     assert steps_to_fraction([]) is None
     assert steps_to_fraction([(10, 0.5), (20, 0.9), (30, 0.52)]) == 10  # of the final Dice, not the best
+    # Final Dice as the mean of the last 3 validations: (0.8 + 0.7 + 0.9) / 3 = 0.8, 95% of it 0.76;
+    # the first step at or above that is 40 (the last point alone, 0.9 -> 0.855, would give 60).
+    plateau = [(10, 0.3), (20, 0.7), (30, 0.75), (40, 0.8), (50, 0.7), (60, 0.9)]
+    assert steps_to_fraction(plateau, window=3) == 40
+    assert steps_to_fraction(plateau) == 60
+    # a quarter of the maximum, at most 500 steps (a 24,000-step scratch maximum: 500, not 6,000)
+    assert [checkpoint_every(n) for n in (24_000, 4_000, 200, 3)] == [500, 500, 50, 1]
 
 
 def recomputed_test_dice(folder: Path, cache: Path, cases: list[str] | None = None) -> float:

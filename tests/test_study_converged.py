@@ -4,6 +4,7 @@ arms, ``--test-data``, ``--max-hours`` chunks resumed by arm)."""
 
 import itertools
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -114,15 +115,19 @@ def test_bootstrap_interval_against_hand_worked_and_enumerated_cases():
 
 def test_finetune_stop_rule_and_encoder_freezing(phantom_cache, tmp_path):
     """Catches a frozen encoder that still trains (tried: the ``requires_grad_`` line in ``finetune``
-    removed) and a stop rule that is not obeyed (tried: the ``break`` after ``stop(curve)`` removed)."""
+    removed), a stop rule that is not obeyed (tried: the ``break`` after ``stop(curve)`` removed) and
+    a run that stopped at a checkpoint step training on when it is resumed, as an interrupted study
+    resumes it (tried: the ``stopped`` check in ``finetune`` removed: the curve gains step 4)."""
     tiny = {"embed_dim": 8, "num_heads": (1, 1, 2, 2), "depths": (1, 1, 1, 1)}
     config = FinetuneConfig(
         data=str(phantom_cache), out=str(tmp_path / "ft"), labeled=2, steps=4, val_every=1, max_val_cases=1,
         num_workers=0, progress=False, evaluate_test=False, freeze_encoder_steps=3, model_overrides=tiny,
-        val_fraction=0.1, test_fraction=0.1,
+        val_fraction=0.1, test_fraction=0.1, checkpoint_every=3,
     )  # fmt: skip
     result = finetune(config, stop=lambda curve: curve[-1][0] >= 3)
     assert [step for step, _ in result.curve] == [1, 2, 3]
+    again = finetune(replace(config, resume=True), stop=lambda curve: curve[-1][0] >= 3)
+    assert again.curve == result.curve and again.best_step == result.best_step
     trained = load_segmenter(result.last_path)[0].state_dict()
     torch.manual_seed(config.seed)  # the initial weights, as finetune draws them
     start = NNFormer(get_config("small", in_channels=1, num_classes=3, **tiny)).state_dict()
@@ -130,6 +135,22 @@ def test_finetune_stop_rule_and_encoder_freezing(phantom_cache, tmp_path):
     others = [k for k in start if not k.startswith("encoder.") and start[k].is_floating_point()]
     assert all(torch.equal(trained[k], start[k]) for k in encoder)
     assert not all(torch.equal(trained[k], start[k]) for k in others)
+
+
+def test_scoring_refuses_a_best_model_file_of_another_step(tmp_path):
+    """The test split scores ``model.safetensors`` only if it is the model of the recorded best step
+    (a resumed run whose interrupted part saved a later best it did not reach again would otherwise
+    be scored with the wrong weights). Mutation caught: the step check in ``evaluate_saved`` removed
+    (it then goes on to score, and fails on the empty plan instead: KeyError)."""
+    from maeformer_fast.models.pretrained import save_segmenter
+    from maeformer_fast.train.finetune import evaluate_saved
+
+    model = NNFormer(get_config("small", embed_dim=8, num_heads=(1, 1, 2, 2)))
+    path = save_segmenter(tmp_path / "model.safetensors", model, {"spacing": [1, 1, 1]}, {"step": 500})
+    with pytest.raises(RuntimeError, match="holds the model of step 500, not the best validation step 300"):
+        evaluate_saved(
+            path, tmp_path / "no-cache", ["case"], (32, 32, 32), {}, torch.device("cpu"), "fp32", step=300
+        )
 
 
 @pytest.fixture
@@ -180,9 +201,14 @@ def test_converged_study_chunks_resume_and_external_test(phantom_cache, tmp_path
     assert choices["scratch_max_steps"] == 3 + 4  # MAE maximum + pretraining steps (cheaper in FLOPs)
     trials = json.loads((out / "tuning.json").read_text())
     assert [t["stage"] for t in trials] == ["pretext"] * 2 + ["mae_recipe"] * 2 + ["scratch_lr"] * 2
+    for trial in out.glob("tuning/*/finetune_config.json"):
+        assert json.loads(trial.read_text())["lr_schedule"] == "constant", trial
     for row in result.rows:  # plateau (any gain <= 1.0) at step 2, the earliest the rule allows
         assert row["steps"] == 2 and row["max_steps"] == (7 if row["arm"] == "scratch" else 3)
         folder = out / "runs" / "labeled-1" / "seed-0" / row["arm"]
+        # every arm at its peak lr after the warmup, whatever its maximum (tried: scratch's recipe
+        # without lr_schedule: its run decays over 7 steps)
+        assert json.loads((folder / "finetune_config.json").read_text())["lr_schedule"] == "constant"
         cases = ["phantom_000", "phantom_001"]
         assert row["ext_test_cases"] == 2
         assert row["ext_test_dice_mean"] == pytest.approx(

@@ -21,11 +21,14 @@ from .distributed import barrier, broadcast_from_main, mean_across_ranks
 from .evaluation import score_cases, summarise
 from .loop import Optimisation, RunConfig, compiles_optimizer_step, prepare_model, setup_run
 from .losses import deep_supervision_loss
-from .optim import make_optimizer, make_scheduler, param_groups, poly, warmup_cosine
+from .optim import make_optimizer, make_scheduler, param_groups, poly, warmup_constant, warmup_cosine
 from .runtime import CsvLog, PendingLosses, autocast, derive_seed, resolve_compile
 from .splits import make_splits
 
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 1e-3, "weight_decay": 0.01}, "sgd": {"lr": 1e-2, "weight_decay": 3e-5}}
+
+
+LR_SCHEDULES = ("decay", "constant")
 
 
 @dataclass
@@ -47,6 +50,9 @@ class FinetuneConfig(RunConfig):
     test_fraction: float = 0.2
     steps: int = 300
     optimizer: str = "adamw"  # "adamw" (warmup + cosine) or "sgd" (nesterov 0.99, poly 0.9, nnU-Net)
+    # "decay": the optimizer's decay over ``steps`` (adamw: cosine, sgd: poly); "constant": warmup then
+    # the peak lr, for runs a plateau rule stops (``steps`` is then only a maximum)
+    lr_schedule: str = "decay"
     lr: float | None = None  # default per optimizer: adamw 1e-3, sgd 1e-2
     weight_decay: float | None = None  # default per optimizer: adamw 0.01, sgd 3e-5
     warmup_steps: int | None = None  # adamw only; default 5% of steps
@@ -57,6 +63,11 @@ class FinetuneConfig(RunConfig):
     val_every: int = 50
     max_val_cases: int | None = None
     evaluate_test: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
 
 
 @dataclass
@@ -96,16 +107,17 @@ def build_optimizer(
 def build_optimisation(
     config: FinetuneConfig, model: NNFormer, precision: str, device: torch.device
 ) -> Optimisation:
-    """The optimizer of ``config.optimizer`` with its schedule (sgd: poly; adamw: warmup + cosine), a
-    gradient scaler for fp16, clipping and accumulation; tensor learning rates where the run compiles
-    its optimizer step."""
+    """The optimizer of ``config.optimizer`` with its schedule (``lr_schedule`` "decay": sgd poly, adamw
+    warmup + cosine; "constant": warmup then constant), a gradient scaler for fp16, clipping and
+    accumulation; tensor learning rates where the run compiles its optimizer step."""
     optimizer, _ = build_optimizer(config, model, compiles_optimizer_step(config, precision, device))
     warmup = config.warmup_steps if config.warmup_steps is not None else max(1, config.steps // 20)
-    schedule = (
-        (lambda s: poly(s, config.steps))
-        if config.optimizer == "sgd"
-        else (lambda s: warmup_cosine(s, config.steps, warmup))
-    )
+    if config.lr_schedule == "constant":
+        schedule = functools.partial(warmup_constant, warmup=warmup)
+    elif config.optimizer == "sgd":
+        schedule = functools.partial(poly, total=config.steps)
+    else:
+        schedule = functools.partial(warmup_cosine, total=config.steps, warmup=warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return Optimisation(
         model,
@@ -202,7 +214,11 @@ def finetune(
 
     started = time.perf_counter() - earlier_s  # the whole run's clock, resumed parts included
     model.train()
-    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="finetune",
+    # A run stopped by ``stop`` at a checkpoint step and interrupted before it ended (e.g. while
+    # scoring the test split) resumes there: it must not train past its stop.
+    stopped = bool(stop and curve and curve[-1][0] == start_step and stop(curve))
+    end_step = start_step if stopped else config.steps
+    bar = tqdm(range(start_step, end_step), initial=start_step, total=config.steps, desc="finetune",
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
     done = start_step
     # Losses stay on the device until a validation or checkpoint step reads them all at once (one
@@ -251,7 +267,7 @@ def finetune(
         save_segmenter(last_path, model, plan, {**info, "step": done})
         if config.evaluate_test:
             test_dice, test_hd95 = evaluate_saved(
-                model_path, run.cache, splits.test, crop, plan, device, run.precision
+                model_path, run.cache, splits.test, crop, plan, device, run.precision, best["step"]
             )
             (out / "test_scores.json").write_text(
                 json.dumps({"dice": test_dice, "hd95": test_hd95}, indent=2)
@@ -262,11 +278,28 @@ def finetune(
                           test_dice, test_hd95, time.perf_counter() - started)  # fmt: skip
 
 
-def evaluate_saved(path: Path, cache: Path, cases: list[str], crop, plan: dict, device, precision: str):
-    """(Dice summary, HD95 summary) of a saved model on cached cases."""
+def evaluate_saved(
+    path: Path,
+    cache: Path,
+    cases: list[str],
+    crop,
+    plan: dict,
+    device,
+    precision: str,
+    step: int | None = None,
+):
+    """(Dice summary, HD95 summary) of a saved model on cached cases; with ``step``, the model must be
+    the one saved at that training step (the run's best: a file left by an interrupted part of a
+    resumed run that the replay did not write again is refused, not scored)."""
     from ..models.pretrained import load_segmenter
 
-    model, _, _ = load_segmenter(path)
+    model, _, info = load_segmenter(path)
+    if step is not None and info.get("step") != step:
+        raise RuntimeError(
+            f"{path} holds the model of step {info.get('step')}, not the best validation step {step} "
+            "recorded in the checkpoint it resumed from (an interrupted run saved a model the resumed "
+            "one did not reach): delete the run's folder and run it again"
+        )
     model.to(device)
     num_classes = model.config.num_classes
     scores = score_cases(

@@ -123,13 +123,21 @@ def parse_arms(text: str) -> list[str]:
     return arms
 
 
-def steps_to_fraction(curve: list[tuple[int, float]], fraction: float = 0.95) -> int | None:
+def steps_to_fraction(curve: list[tuple[int, float]], fraction: float = 0.95, window: int = 1) -> int | None:
     """First validation step whose Dice reaches ``fraction`` of the curve's final Dice (None if no
-    curve): how fast an arm gets near where it ends."""
+    curve): how fast an arm gets near where it ends. The final Dice is the mean of the last ``window``
+    validations (a run stopped by the plateau rule: its plateau, not one noisy point)."""
     if not curve:
         return None
-    final = curve[-1][1]
+    tail = curve[-window:]
+    final = sum(dice for _, dice in tail) / len(tail)
     return next(step for step, dice in curve if dice >= fraction * final)
+
+
+def final_window(config: StudyConfig) -> int:
+    """Validations averaged into an arm's final Dice: the plateau rule's window in the converged
+    protocol, the last validation in the fixed one."""
+    return config.plateau_patience if config.protocol == "converged" else 1
 
 
 def pretraining_view(cache: Path, exclude: set[str], view: Path) -> Path:
@@ -159,7 +167,7 @@ def run_pretraining(config: StudyConfig, folder: Path, data: Path, steps: int, o
         data=str(data), out=str(folder), model=config.model, crop_size=config.crop_size,
         batch_size=config.batch_size, steps=steps, num_workers=config.num_workers, mask_ratio=mask_ratio,
         device=config.device, precision=config.precision, progress=config.progress, resume=True,
-        checkpoint_every=max(1, steps // 4), model_overrides=overrides, log_every=max(1, steps // 200),
+        checkpoint_every=checkpoint_every(steps), model_overrides=overrides, log_every=max(1, steps // 200),
         preview_every=max(1, steps // 4),
     ))  # fmt: skip
     record = {
@@ -215,6 +223,13 @@ def score_external(config: StudyConfig, row: dict, folder: Path, external: tuple
             **{f"ext_test_hd95_{k}": v for k, v in hd95.items()}, "ext_test_cases": len(cases)}  # fmt: skip
 
 
+def checkpoint_every(max_steps: int, most: int = 500) -> int:
+    """Checkpoint interval of a run of at most ``max_steps``: a quarter of it, but at most ``most``
+    steps, since an interrupted run restarts from its last checkpoint and a plateau rule may stop a
+    fine-tuning run long before its maximum (scratch's maximum in the converged study is 24,000)."""
+    return max(1, min(max_steps // 4, most))
+
+
 @dataclass
 class ArmSpec:
     """How one fine-tuning run trains: init encoder (None: scratch), maximum steps, the recipe (extra
@@ -246,9 +261,9 @@ def run_arm(config: StudyConfig, folder: Path, arm: str, labeled: int | None, se
         "val_fraction": config.val_fraction, "test_fraction": config.test_fraction, "steps": spec.steps,
         "batch_size": config.batch_size, "val_every": config.val_every,
         "max_val_cases": config.max_val_cases, "num_workers": config.num_workers,
-        "precision": config.precision, "device": config.device, "checkpoint_every": max(1, spec.steps // 4),
-        "resume": True, "progress": config.progress, "model_overrides": config.model_overrides,
-        "evaluate_test": spec.evaluate_test, **spec.recipe,
+        "precision": config.precision, "device": config.device,
+        "checkpoint_every": checkpoint_every(spec.steps), "resume": True, "progress": config.progress,
+        "model_overrides": config.model_overrides, "evaluate_test": spec.evaluate_test, **spec.recipe,
     }), stop=spec.stop)  # fmt: skip
     row = {
         "arm": arm,
@@ -260,7 +275,7 @@ def run_arm(config: StudyConfig, folder: Path, arm: str, labeled: int | None, se
         **{f"test_hd95_{k}": v for k, v in (result.test_hd95 or {}).items()},
         "best_val_dice": result.best_val_dice,
         "best_step": result.best_step,
-        "steps_to_95": steps_to_fraction(result.curve),
+        "steps_to_95": steps_to_fraction(result.curve, window=final_window(config)),
         # The whole run's clock (resumed parts included): training, validations and the test scoring.
         "wall_time_s": result.wall_time_s,
         "curve": [list(point) for point in result.curve],

@@ -11,7 +11,9 @@ point where ``--max-hours`` may stop the study cleanly:
 2. Pretraining budgets on the non-test images: the long one (``pretrain_steps``) and the short one
    (``short_fraction`` of it, the run of stage 1). The long one's flattening criterion: the mean
    masked-unit loss over the last tenth of the steps is within ``flatten_tolerance`` (relative) of the
-   mean over the tenth before; the report says whether it held.
+   mean over the tenth before; the report says whether it held. Pretraining's cosine schedule brings
+   the lr near zero over those tenths, so the criterion says the run ended flat, not that more steps
+   would not have helped: the short budget's arms measure what the budget changes downstream.
 3. Counted FLOPs of one sparse pretraining step and one fine-tuning step (``study_protocol.step_flops``)
    convert pretraining into fine-tuning steps; scratch's maximum is the MAE maximum plus the
    pretraining budget in whichever currency gives more steps.
@@ -23,6 +25,11 @@ point where ``--max-hours`` may stop the study cleanly:
    ``plateau_min_delta`` over the last ``plateau_patience`` validations, not before
    ``plateau_min_steps``) or its maximum, scored at its best-validation checkpoint on the test split
    (and ``--test-data``).
+
+Every fine-tuning run here, tuning runs included, holds its peak learning rate after the warmup
+(``LR_SCHEDULE``): the plateau rule decides how long a run trains, and a decay over the maximum would
+tie the learning rate to that maximum -- scratch, whose maximum is larger, would still train at nearly
+its peak when MAE runs, stopped at the same step, had annealed.
 """
 
 from __future__ import annotations
@@ -129,10 +136,14 @@ class Converged:
         return row["best_val_dice"]
 
 
+LR_SCHEDULE = "constant"  # warmup, then the peak lr until the plateau rule stops the run (docstring)
+
+
 def base_recipe(config: StudyConfig) -> dict:
     """The recipe before tuning: the middle learning rate, the first of every other knob's values."""
     lrs = parse_list(config.tune_lrs)
     return {
+        "lr_schedule": LR_SCHEDULE,
         "lr": lrs[len(lrs) // 2],
         "warmup_steps": parse_list(config.tune_warmups, int)[0],
         "layer_decay": parse_list(config.tune_layer_decays)[0],
@@ -203,7 +214,7 @@ def tune_scratch(run: Converged, max_steps: int, overrides: dict, warmup: int) -
         spec = ArmSpec(
             None,
             max_steps,
-            {"lr": lr, "warmup_steps": warmup, "model_overrides": overrides},
+            {"lr_schedule": LR_SCHEDULE, "lr": lr, "warmup_steps": warmup, "model_overrides": overrides},
             run.stop,
             evaluate_test=False,
         )
@@ -293,7 +304,12 @@ def run_converged(
             "scratch": ArmSpec(
                 None,
                 scratch_max,
-                {"lr": scratch_lr, "warmup_steps": recipe["warmup_steps"], "model_overrides": overrides},
+                {
+                    "lr_schedule": LR_SCHEDULE,
+                    "lr": scratch_lr,
+                    "warmup_steps": recipe["warmup_steps"],
+                    "model_overrides": overrides,
+                },
                 run.stop,
             ),
         }

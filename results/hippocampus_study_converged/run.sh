@@ -5,6 +5,11 @@
 # pretrain.json / result.json), an interrupted one continues from its last checkpoint, and each call
 # starts no new run after HOURS hours (default 1.8), so the study runs in chunks of about two hours.
 # Commit results/hippocampus_study_converged/ after each chunk.
+#
+# The study runs the library as it was at its first chunk: that chunk copies the committed package
+# into $OUT/code (its commit in $OUT/code/COMMIT) and every chunk imports it from there, so later work
+# on the library never mixes versions within the study. To move the study to newer code on purpose,
+# delete $OUT/code (and say so in the write-up).
 set -euo pipefail
 DATA=${DATA:-../shared/data/Task04_Hippocampus}
 OUT=${OUT:-runs/hippocampus_study_converged}
@@ -25,8 +30,21 @@ COMMON=(--protocol converged --data "$DATA" --out "$OUT" --seeds 5
         --tune-freeze-steps 0,500 --tune-scratch-lrs 2e-4,5e-4,1e-3,2e-3,3e-3,5e-3
         --precision fp32 --num-workers "$NUM_WORKERS" --max-hours "$HOURS" --no-progress "${EXTRA[@]}")
 mkdir -p "$OUT"
+CODE=$OUT/code
+if [ ! -f "$CODE/COMMIT" ]; then
+    if [ -n "$(git status --porcelain -- maeformer_fast)" ]; then
+        echo "run.sh: maeformer_fast/ has uncommitted changes; commit them before the study copies the code" >&2
+        exit 2
+    fi
+    mkdir -p "$CODE"
+    git archive HEAD maeformer_fast | tar -x -C "$CODE"
+    git rev-parse HEAD >"$CODE/COMMIT"
+fi
+export PYTHONPATH=$(cd "$CODE" && pwd)${PYTHONPATH:+:$PYTHONPATH} # `maeformer` imports the copy
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null ||
-  echo "$(nproc --all) CPU cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"; } | tee -a "$OUT/machine.txt"
+  echo "$(nproc --all) CPU cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
+  echo "chunk of $(date -u +%FT%TZ): code $(cat "$CODE/COMMIT"), load average $(cut -d' ' -f1-3 /proc/loadavg)"
+} | tee -a "$OUT/machine.txt"
 
 # 1. Pretext choice (mask ratio 0.6 vs 0.75 on the 3-stage encoder, short pretraining), the long and
 #    short pretraining, counted FLOPs, MAE recipe and scratch-lr tuning: validation only, no arms yet.
@@ -40,7 +58,7 @@ fi
 # 2. The arms (mae, mae_short, scratch x 5 seeds), one process per labeled count, JOBS of them at a
 #    time (all six side by side on one GPU); they share only the finished pretraining and tuning runs.
 for K in 1 2 4 8 16 all; do
-    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n; done
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done # a failed count must not orphan the rest
     # what is left of this call's HOURS (a later labeled count gets no fresh budget of its own)
     left=$(python3 -c "print(round($HOURS - $SECONDS / 3600, 3))")
     if python3 -c "import sys; sys.exit(not $left > 0.05)"; then
@@ -51,5 +69,9 @@ done
 wait
 
 # 3. Tables, effects, plots and report.md over every finished arm (partial results included).
-maeformer study --data "$DATA" --out "$OUT" --report-only --report-dir "$REPORT"
+if compgen -G "$OUT/runs/labeled-*/seed-*/*/result.json" >/dev/null; then
+    maeformer study --data "$DATA" --out "$OUT" --report-only --report-dir "$REPORT"
+else
+    echo "no arm has finished yet: no report" >&2
+fi
 cp "$OUT"/machine.txt "$OUT"/stage1.log "$OUT"/arms-*.log "$REPORT"/ 2>/dev/null || true
