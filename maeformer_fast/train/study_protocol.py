@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import platform
 from pathlib import Path
 
@@ -144,7 +145,19 @@ def best_within(curve: list[tuple[int, float]], max_step: int) -> float | None:
 
 
 def machine(device: str) -> str:
-    """The machine a run used, in words: the GPU's name or the CPU's, with the core count."""
+    """The machine a run used, in words: the GPU's name, or the CPU's model with its cores, the torch
+    threads and the load average when the run ended (wall-clock on a shared CPU depends on it)."""
     if device != "cpu" and torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(torch.device(device if device != 'auto' else 'cuda'))}"
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    load = f", load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"{cpu_model()} ({os.cpu_count()} cores), {torch.get_num_threads()} threads{load}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor or architecture."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
