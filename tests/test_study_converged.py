@@ -219,3 +219,35 @@ def test_converged_study_chunks_resume_and_external_test(phantom_cache, tmp_path
         assert result.files[name].is_file()
     report = result.files["report"].read_text()
     assert "mae_short - scratch" in report and "ext_test_dice_mean" in report
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_tuning_runs_in_parallel_give_the_sequential_choices(phantom_cache, tmp_path):
+    """``jobs=2``: the two pretexts, the two learning rates and the two scratch lrs each train side by
+    side in worker processes, and every tuning record and choice equals the one-at-a-time study's.
+    Mutation caught: ``run_in_parallel`` never called (the runs do not overlap in time)."""
+    common = dict(
+        data=str(phantom_cache), protocol="converged", labeled="1", seeds=1, pretrain_steps=4,
+        short_fraction=0.5, finetune_max_steps=2, val_every=1, max_val_cases=1, plateau_patience=1,
+        plateau_min_delta=1.0, plateau_min_steps=2, num_workers=0, val_fraction=0.1, test_fraction=0.1,
+        encoder_stages="3", mask_ratios="0.6,0.75", tune_labeled=1, tune_lrs="1e-3,2e-3", tune_warmups="1",
+        tune_layer_decays="1.0", tune_freeze_steps="0", tune_scratch_lrs="1e-3,2e-3",
+        model_overrides={"embed_dim": 8},
+    )  # fmt: skip
+    study(StudyConfig(out=str(tmp_path / "one"), **common))
+    study(StudyConfig(out=str(tmp_path / "two"), jobs=2, **common))
+
+    def records(name: str) -> list[dict]:
+        trials = json.loads((tmp_path / name / "tuning.json").read_text())
+        return [{k: v for k, v in t.items() if k != "wall_time_s"} for t in trials]
+
+    assert records("two") == records("one")
+    assert [t["stage"] for t in records("two")] == ["pretext"] * 2 + ["mae_recipe"] * 2 + ["scratch_lr"] * 2
+    choices = [json.loads((tmp_path / n / "choices.json").read_text()) for n in ("one", "two")]
+    assert choices[0] == choices[1]
+    tuning = tmp_path / "two" / "tuning"
+    for first, second in (("mae_pretext_stages-3_mask-0.6", "mae_pretext_stages-3_mask-0.75"),
+                          ("scratch_lr-0.001", "scratch_lr-0.002")):  # fmt: skip
+        started = [(tuning / n / "finetune_config.json").stat().st_mtime for n in (first, second)]
+        ended = [(tuning / n / "result.json").stat().st_mtime for n in (first, second)]
+        assert started[1] < ended[0] and started[0] < ended[1], f"{first} and {second} did not overlap"

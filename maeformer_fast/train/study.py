@@ -85,6 +85,7 @@ class StudyConfig:
     tune_layer_decays: str = "1.0,0.75"
     tune_freeze_steps: str = "0,500"
     tune_scratch_lrs: str = "2e-4,5e-4,1e-3,2e-3,3e-3,5e-3"
+    jobs: int = 1  # converged: tuning runs trained at once, each in its own process
     model_overrides: dict = field(default_factory=dict)  # Python API only (e.g. a tiny model in tests)
 
 
@@ -300,6 +301,8 @@ def study(config: StudyConfig) -> StudyResult:
     out = Path(config.out)
     if config.protocol not in ("fixed", "converged"):
         raise ValueError(f"protocol must be fixed or converged, got {config.protocol!r}")
+    if config.jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {config.jobs}")
     if config.report_only:
         return finished_study(config, out, started)
     counts = parse_labeled(config.labeled)
@@ -428,10 +431,13 @@ STUDY_HELP = {
     "tune_labeled": "converged: labeled count of the tuning runs",
     "tune_seed": "converged: seed of the tuning runs (outside the study's seeds)",
     "tune_lrs": "converged: MAE fine-tuning learning rates tried",
-    "tune_warmups": "converged: warmup steps tried (the first also for scratch)",
+    "tune_warmups": "converged: warmup steps tried (scratch uses the one the MAE search picks)",
     "tune_layer_decays": "converged: layer-wise lr decays tried for the MAE encoder",
     "tune_freeze_steps": "converged: steps the MAE encoder stays frozen, tried",
     "tune_scratch_lrs": "converged: scratch learning rates tried (as many as the MAE recipe search runs)",
+    "jobs": "converged: tuning runs that do not depend on each other (the pretexts, one knob's values, "
+    "the scratch lrs) trained at once, each in its own process (e.g. one per CPU core, with "
+    "OMP_NUM_THREADS=1)",
 }
 
 

@@ -36,9 +36,13 @@ from __future__ import annotations
 
 import functools
 import json
+import multiprocessing
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+import torch
 
 from ..data.cache import load_plan
 from ..data.io import atomic_write_text
@@ -106,34 +110,71 @@ class Converged:
             self.check()
         return run_pretraining(self.config, folder, self.data, steps, self.overrides(stages), ratio)
 
-    def trial(self, stage: str, name: str, spec: ArmSpec, params: dict) -> float:
-        """One tuning run (validation only, never scored on test); returns its best validation Dice."""
-        folder = self.out / "tuning" / name
-        if not (folder / "result.json").is_file():
-            self.check()
-        row = run_arm(
-            self.config,
-            folder,
-            name.split("_")[0],
-            self.config.tune_labeled,
-            self.config.tune_seed,
-            self.cache,
-            spec,
-        )
-        self.trials.append(
-            {
-                "stage": stage,
-                "name": name,
-                **params,
-                "best_val_dice": row["best_val_dice"],
-                "best_step": row["best_step"],
-                "steps": row["steps"],
-                "wall_time_s": row["wall_time_s"],
-                "curve": row["curve"],
-            }
-        )
-        atomic_write_text(self.out / "tuning.json", json.dumps(self.trials, indent=2))
-        return row["best_val_dice"]
+    def run_trials(self, batch: list[Trial]) -> list[float]:
+        """Tuning runs (validation only, never scored on test) that do not depend on each other; returns
+        each one's best validation Dice, in order. Up to ``config.jobs`` unfinished runs train at
+        once, each in its own process; the deadline is checked before each one starts."""
+        folders = [self.out / "tuning" / t.name for t in batch]
+        todo = [(t, f) for t, f in zip(batch, folders) if not (f / "result.json").is_file()]
+        if self.config.jobs > 1 and len(todo) > 1:
+            self.run_in_parallel(todo)
+        scores = []
+        for trial, folder in zip(batch, folders):
+            if not (folder / "result.json").is_file():
+                self.check()
+            row = self.run_trial(trial, folder)
+            self.trials.append(
+                {
+                    "stage": trial.stage,
+                    "name": trial.name,
+                    **trial.params,
+                    "best_val_dice": row["best_val_dice"],
+                    "best_step": row["best_step"],
+                    "steps": row["steps"],
+                    "wall_time_s": row["wall_time_s"],
+                    "curve": row["curve"],
+                }
+            )
+            atomic_write_text(self.out / "tuning.json", json.dumps(self.trials, indent=2))
+            scores.append(row["best_val_dice"])
+        return scores
+
+    def run_trial(self, trial: Trial, folder: Path) -> dict:
+        return run_arm(*self.trial_args(trial, folder))
+
+    def trial_args(self, trial: Trial, folder: Path) -> tuple:
+        """:func:`run_arm`'s arguments for ``trial``: the tuning labeled count and seed."""
+        arm = trial.name.split("_")[0]
+        config = self.config
+        return config, folder, arm, config.tune_labeled, config.tune_seed, self.cache, trial.spec
+
+    def run_in_parallel(self, todo: list[tuple[Trial, Path]]) -> None:
+        """Train ``todo`` in ``config.jobs`` worker processes (spawned, with this process's torch
+        thread count); the runs' records land in their folders, where :meth:`run_trials` reads them. No
+        run starts after the deadline; a run's error is raised here."""
+        context = multiprocessing.get_context("spawn")
+        threads = torch.get_num_threads()
+        with ProcessPoolExecutor(self.config.jobs, context, torch.set_num_threads, (threads,)) as pool:
+            running: set[Future] = set()
+            for trial, folder in todo:
+                if len(running) >= self.config.jobs:
+                    done, running = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        future.result()
+                if self.deadline.passed():
+                    break
+                running.add(pool.submit(run_arm, *self.trial_args(trial, folder)))
+            for future in running:
+                future.result()
+
+
+class Trial(NamedTuple):
+    """One tuning run: its stage in the search, its folder name, how it trains, what it tries."""
+
+    stage: str
+    name: str
+    spec: ArmSpec
+    params: dict
 
 
 LR_SCHEDULE = "constant"  # warmup, then the peak lr until the plateau rule stops the run (docstring)
@@ -166,17 +207,14 @@ def choose_pretext(run: Converged) -> tuple[int, float]:
     ]
     if len(candidates) == 1:
         return candidates[0]
-    scores = {}
+    batch = []
     for stages, ratio in candidates:
         encoder = run.pretrain(stages, ratio, run.short_steps)["encoder_path"]
         recipe = {**base_recipe(config), "model_overrides": run.overrides(stages)}
         spec = ArmSpec(encoder, config.finetune_max_steps, recipe, run.stop, evaluate_test=False)
-        scores[(stages, ratio)] = run.trial(
-            "pretext",
-            f"mae_pretext_stages-{stages}_mask-{ratio}",
-            spec,
-            {"encoder_stages": stages, "mask_ratio": ratio},
-        )
+        name = f"mae_pretext_stages-{stages}_mask-{ratio}"
+        batch.append(Trial("pretext", name, spec, {"encoder_stages": stages, "mask_ratio": ratio}))
+    scores = dict(zip(candidates, run.run_trials(batch)))
     return max(candidates, key=lambda c: scores[c])  # ties: the first listed
 
 
@@ -191,35 +229,30 @@ def tune_mae(run: Converged, encoder: str, overrides: dict) -> dict:
     }
     best, scores = base_recipe(config), {}
     for knob, values in knobs.items():
-        for value in values:
-            recipe = {**best, knob: value}
-            name = recipe_name(recipe)
-            if name not in scores:
-                spec = ArmSpec(
-                    encoder,
-                    config.finetune_max_steps,
-                    {**recipe, "model_overrides": overrides},
-                    run.stop,
-                    evaluate_test=False,
-                )
-                scores[name] = (run.trial("mae_recipe", f"mae_{name}", spec, recipe), recipe)
-        best = max(scores.values(), key=lambda item: item[0])[1]
+        # One knob's values do not depend on each other: they run as one batch (in parallel with jobs).
+        recipes = {recipe_name(r): r for r in ({**best, knob: value} for value in values)}
+        new = {name: recipe for name, recipe in recipes.items() if name not in scores}
+        batch = []
+        for name, recipe in new.items():
+            spec = ArmSpec(encoder, config.finetune_max_steps, {**recipe, "model_overrides": overrides},
+                           run.stop, evaluate_test=False)  # fmt: skip
+            batch.append(Trial("mae_recipe", f"mae_{name}", spec, recipe))
+        for (name, recipe), score in zip(new.items(), run.run_trials(batch)):
+            scores[name] = (score, recipe)
+        best = max(scores.values(), key=lambda item: item[0])[1]  # ties: the first run
     return best
 
 
 def tune_scratch(run: Converged, max_steps: int, overrides: dict, warmup: int) -> float:
     """The scratch learning rate with the best validation Dice."""
-    scores = {}
-    for lr in parse_list(run.config.tune_scratch_lrs):
-        spec = ArmSpec(
-            None,
-            max_steps,
-            {"lr_schedule": LR_SCHEDULE, "lr": lr, "warmup_steps": warmup, "model_overrides": overrides},
-            run.stop,
-            evaluate_test=False,
-        )
-        scores[lr] = run.trial("scratch_lr", f"scratch_lr-{lr:g}", spec, {"lr": lr})
-    return max(scores, key=scores.get)
+    lrs = parse_list(run.config.tune_scratch_lrs)
+    batch = []
+    for lr in lrs:
+        recipe = {"lr_schedule": LR_SCHEDULE, "lr": lr, "warmup_steps": warmup, "model_overrides": overrides}
+        spec = ArmSpec(None, max_steps, recipe, run.stop, evaluate_test=False)
+        batch.append(Trial("scratch_lr", f"scratch_lr-{lr:g}", spec, {"lr": lr}))
+    scores = dict(zip(lrs, run.run_trials(batch)))
+    return max(lrs, key=scores.get)  # ties: the first listed
 
 
 def count_flops(run: Converged, stages: int, ratio: float) -> dict:
