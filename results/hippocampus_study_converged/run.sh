@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The study at converged budgets (issue 17) on Task04_Hippocampus, on a GPU or, in chunks, on CPUs:
-#   OMP_NUM_THREADS=1 NUM_WORKERS=0 JOBS=1 HOURS=2.5 bash results/hippocampus_study_converged/run.sh
+#   OMP_NUM_THREADS=1 NUM_WORKERS=0 JOBS=2 HOURS=2.5 bash results/hippocampus_study_converged/run.sh
 # Rerun the whole script to resume: every finished pretraining, tuning run and arm is kept (its
 # pretrain.json / result.json), an interrupted one continues from its last checkpoint, and each call
 # starts no new run after HOURS hours (default 1.8), so the study runs in chunks of about two hours.
@@ -17,7 +17,8 @@ REPORT=results/hippocampus_study_converged
 HOURS=${HOURS:-1.8}
 # Loader worker processes per run (unused where the cache is held in memory, as on the CPU).
 NUM_WORKERS=${NUM_WORKERS:-2}
-# Labeled counts trained at once in stage 2 (6 = all side by side, for a GPU; 1-2 on a small CPU).
+# Runs trained at once: independent tuning runs in stage 1 (--jobs), labeled counts in stage 2
+# (6 = all side by side, for a GPU; one per core with OMP_NUM_THREADS=1 on a small CPU).
 JOBS=${JOBS:-6}
 # An external labeled folder to score every arm's selected model on as well (optional).
 EXTRA=(${TEST_DATA:+--test-data "$TEST_DATA"})
@@ -48,7 +49,7 @@ export PYTHONPATH=$(cd "$CODE" && pwd)${PYTHONPATH:+:$PYTHONPATH} # `maeformer` 
 
 # 1. Pretext choice (mask ratio 0.6 vs 0.75 on the 3-stage encoder, short pretraining), the long and
 #    short pretraining, counted FLOPs, MAE recipe and scratch-lr tuning: validation only, no arms yet.
-maeformer study "${COMMON[@]}" --labeled 2 --seeds 0 --report-dir "$OUT/report-tuning" \
+maeformer study "${COMMON[@]}" --labeled 2 --seeds 0 --jobs "$JOBS" --report-dir "$OUT/report-tuning" \
     2>&1 | tee -a "$OUT/stage1.log"
 if [ ! -f "$OUT/choices.json" ]; then
     echo "tuning not finished (--max-hours): rerun this script" >&2
