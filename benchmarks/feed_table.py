@@ -1,10 +1,11 @@
-"""The table of ``gpu_feed_check.sh``: loaders against the step they feed, a real run against random tensors.
+"""The table of ``gpu_feed_check.sh``: the steps on random tensors, a real run against them, and the
+loaders against the step they feed.
 
     python benchmarks/feed_table.py ROWS.jsonl LOADERS.jsonl PRETRAIN_LOG.csv
 
-ROWS: ``maeformer bench --json`` rows of the sparse step on random tensors; LOADERS: ``maeformer bench
---loader --json`` rows; PRETRAIN_LOG: a ``maeformer pretrain`` run's log. A missing or empty file gives
-a line saying so, not an error: the device call prints what it measured.
+ROWS: ``maeformer bench --json`` rows (sparse and dense MAE steps on random tensors); LOADERS:
+``maeformer bench --loader --json`` rows; PRETRAIN_LOG: a ``maeformer pretrain`` run's log. A missing or
+empty file gives a line saying so, not an error: the device call prints what it measured.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def steady_ms_per_step(log: Path, skip: float = 0.5) -> tuple[float, int] | None
 
 def feed_lines(rows: list[dict], loaders: list[dict], real: tuple[float, int] | None) -> list[str]:
     """The table's lines: each loader's crops/s and its ratio to the step it feeds, then the real run
-    against the fastest random-tensor step (the captured one where it ran), each with its target."""
+    against the fastest random-tensor sparse step (the captured one where it ran), each with its
+    target."""
     lines = []
     if loaders:
         *sources, step = loaders
@@ -60,9 +62,9 @@ def feed_lines(rows: list[dict], loaders: list[dict], real: tuple[float, int] | 
         lines.append(f"  {step['verdict']}")
     else:
         lines.append("loaders: not measured")
-    timed = [r for r in rows if "ms_per_step" in r]
+    timed = [r for r in rows if "ms_per_step" in r and r.get("case") == "sparse"]
     if not timed or real is None:
-        missing = "random-tensor step" if not timed else "real pretraining run"
+        missing = "random-tensor sparse step" if not timed else "real pretraining run"
         return [*lines, f"real data vs random tensors: {missing} not measured"]
     fastest = min(timed, key=lambda r: r["ms_per_step"])
     ratio = real[0] / fastest["ms_per_step"]
@@ -76,10 +78,12 @@ def feed_lines(rows: list[dict], loaders: list[dict], real: tuple[float, int] | 
 
 
 def main(argv: list[str]) -> int:
+    from maeformer_fast.train.bench_table import format_table
+
     rows_path, loaders_path, log_path = map(Path, argv)
-    print(
-        "\n".join(feed_lines(read_jsonl(rows_path), read_jsonl(loaders_path), steady_ms_per_step(log_path)))
-    )
+    rows = read_jsonl(rows_path)
+    print("\n".join(format_table(rows)) if rows else "no random-tensor steps were measured")
+    print("\n".join(feed_lines(rows, read_jsonl(loaders_path), steady_ms_per_step(log_path))))
     return 0
 
 

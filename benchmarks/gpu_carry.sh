@@ -9,8 +9,9 @@ set -euo pipefail
 data=${1:-../shared/data/Task04_Hippocampus}
 dest=runs/gpu_carry
 [ -d "$data" ] || { echo "gpu_carry.sh: $data: no such dataset folder" >&2; exit 2; }
+if [ -d "$dest" ]; then chmod -R u+w "$dest" && rm -rf "${dest:?}"; fi # a fresh folder: nothing else travels
 mkdir -p "$dest/wheels"
 python3 -m pip download -q --no-deps --only-binary=:all: -d "$dest/wheels" "nibabel>=5.0"
-rm -rf "${dest:?}/$(basename "$data")"
 cp -r "$data" "$dest/"
+chmod -R u+w "$dest"
 du -sh "$dest"

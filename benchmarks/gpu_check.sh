@@ -1,23 +1,25 @@
 #!/usr/bin/env bash
 # One device call of under 6 minutes that ends in one table: the Triton kernel tests and the CUDA-only
 # captured-step test on the GPU, then `maeformer bench` -- the command users run -- for the sparse vs
-# dense MAE steps (Synapse crop 64x128x128 at batch 8 and 2, small config at batch 32) and the
-# fine-tuning step (Synapse, batch 2), bf16, eager / compiled / captured (compiled + CUDA graphs), each
+# dense MAE steps (Synapse crop 64x128x128 at batch 8 and 2) and the fine-tuning step (Synapse, batch 2), bf16, eager / compiled / captured (compiled + CUDA graphs), each
 # with ms/step, launches and kernels per step, MFU and peak memory; and, where the official model files
 # travel in runs/official_nnformer (carry it; README says how to extract them), the captured fine-tuning
 # step against the official nnFormer's (benchmarks/official_step.py --compile, Synapse, batch 2).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on a CUDA machine, from the repository root
 #
-# The second device call of a GPU session, about 4 minutes: benchmarks/gpu_feed_check.sh (the data feed).
+# The second device call of a GPU session, about 5 minutes, right after this one (the machine and its
+# compile caches still warm): benchmarks/gpu_feed_check.sh -- the small config at batch 32 (sparse vs
+# dense, warmed up here) and the data feed.
 #
 # Why it is built this way. A session has 15 minutes of device time (~40 s of it the machine's start),
 # and compilation is the cost: each compiled (case, shape, mode) took 60-78 s to warm up on an H200
 # (benchmarks/RESULTS.md; the model alone, the optimizer step has been compiled too since), and this
-# table holds ten of them, ~11 minutes one after another. So:
-#  1. Warm, 0-160 s: all ten compile at once, one `maeformer bench --seconds 0` process per (case,
-#     shape) -- seven, each compiling its captured mode and then, for Synapse b8 and fine-tuning, its
-#     plain compiled mode, which reuses the Triton kernels just built -- niced, next to the GPU tests.
+# two calls hold eleven of them, ~12 minutes one after another. So:
+#  1. Warm, 0-160 s: all compile at once, one process per (case, shape) -- seven `maeformer bench
+#     --seconds 0`, each compiling its captured mode (Synapse b8 then also its plain compiled mode,
+#     which reuses the Triton kernels just built), and official_step.py's captured step -- niced, next
+#     to the GPU tests.
 #     This fills inductor's and Triton's on-disk caches; the warm-up rows' timings overlap and are only
 #     logged (warm.log), though their warm-up column is the cold compile time under that load.
 #  2. Measure, from when the warm-ups end to 340 s: one `maeformer bench` per shape, one after another
@@ -26,8 +28,8 @@
 #     second `maeformer bench --modes compiled` warmed up in 37 s instead of 321 s for the sparse step
 #     and 85 s instead of 622 s for fine-tuning).
 #     Most important first: Synapse b8 sparse vs dense (eager, captured, compiled), the fine-tuning
-#     step (eager, captured), ours captured against the official code, Synapse b2 sparse vs dense,
-#     small b32 sparse vs dense (eager, captured). Each part has a time limit, cut to what is left before the deadline, and each row
+#     step (eager, captured), ours captured against the official code, Synapse b2 sparse vs dense
+#     (eager, captured). Each part has a time limit, cut to what is left before the deadline, each row
 #     reaches rows.jsonl when measured: a cache miss or a hang costs only the rows after it, and a
 #     shape that was not reached is named in the status lines.
 # Plain compiled (without CUDA graphs) runs only for Synapse b8: what it adds over captured is whether
@@ -73,7 +75,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"
 background kernel_tests python -m pytest -q -p no:cacheprovider tests/test_sparse_conv.py \
     tests/test_sparse_encoder.py tests/test_window_attention.py -k "triton and not in_interpreter"
 background captured_step_test python -m pytest -q -p no:cacheprovider tests/test_captured_step.py
-export NICE=5 TORCHINDUCTOR_COMPILE_THREADS=4 # seven compiling processes share 16 cores
+export NICE=5 TORCHINDUCTOR_COMPILE_THREADS=4 # eight compiling processes share 16 cores
 warm=("${bench[@]}" --seconds 0)
 background warm_b8_sparse "${warm[@]}" "${synapse[@]}" --batch-size 8 --cases sparse --modes captured,compiled
 background warm_b8_dense "${warm[@]}" "${synapse[@]}" --batch-size 8 --cases dense --modes captured,compiled
@@ -99,7 +101,7 @@ else
     echo "official_step: skipped ($official not carried)" >>"$logs/status"
 fi
 measure synapse_b2 50 "${synapse[@]}" --batch-size 2 --cases sparse,dense --modes eager,captured
-measure small_b32 45 "${small[@]}" --batch-size 32 --cases sparse,dense --modes eager,captured
+# small b32 (warmed up above): measured by gpu_feed_check.sh, the next call
 
 # 3. One table: the GPU, each part's status, the tests' summaries, the measured rows.
 cat "$logs"/warm_*.log >"$out/warm.log" 2>/dev/null

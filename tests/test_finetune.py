@@ -22,23 +22,25 @@ HIPPOCAMPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "Task04_
 
 
 @pytest.mark.parametrize(
-    ("schedule", "optimizer", "expected"),
-    [  # lr of steps 0..7, warmup 2 of 8 steps, peak 1e-3 (adamw) or 1e-2 (sgd)
-        ("constant", "adamw", [0.5e-3] + [1e-3] * 7),
-        ("constant", "sgd", [0.5e-2] + [1e-2] * 7),
+    ("schedule", "optimizer", "warmup", "expected"),
+    [  # lr of steps 0..7 of 8, peak 1e-3 (adamw) or 1e-2 (sgd)
+        ("constant", "adamw", 2, [0.5e-3] + [1e-3] * 7),
+        ("constant", "sgd", 2, [0.5e-2] + [1e-2] * 7),
+        ("constant", "adamw", 0, [1e-3] * 8),  # no warmup: the peak from the first step
         # cosine from step 2: progress (s - 2) / 6, factor (1 + cos(pi * progress)) / 2
-        ("decay", "adamw", [0.5e-3, 1e-3, 1e-3, 0.933e-3, 0.75e-3, 0.5e-3, 0.25e-3, 0.067e-3]),
-        ("decay", "sgd", [1e-2 * (1 - s / 8) ** 0.9 for s in range(8)]),  # poly 0.9, no warmup
+        ("decay", "adamw", 2, [0.5e-3, 1e-3, 1e-3, 0.933e-3, 0.75e-3, 0.5e-3, 0.25e-3, 0.067e-3]),
+        ("decay", "sgd", 2, [1e-2 * (1 - s / 8) ** 0.9 for s in range(8)]),  # poly 0.9, no warmup
     ],
 )
-def test_lr_schedules_by_hand(schedule, optimizer, expected):
-    """The schedules a fine-tuning run can use, step by step. Mutation caught: "constant" falling
-    through to the optimizer's decay (its rows get the cosine / poly values)."""
+def test_lr_schedules_by_hand(schedule, optimizer, warmup, expected):
+    """The schedules a fine-tuning run can use, step by step. Mutations caught: "constant" falling
+    through to the optimizer's decay (its rows get the cosine / poly values); a constant warmup that
+    divides by a zero warmup (ZeroDivisionError)."""
     from maeformer_fast.train.finetune import build_optimisation
 
     model = NNFormer(get_config("small", embed_dim=8, num_heads=(1, 1, 2, 2)))
     config = FinetuneConfig(
-        data="", out="", steps=8, warmup_steps=2, optimizer=optimizer, lr_schedule=schedule
+        data="", out="", steps=8, warmup_steps=warmup, optimizer=optimizer, lr_schedule=schedule
     )
     optimisation = build_optimisation(config, model, "fp32", torch.device("cpu"))
     lrs = []
@@ -285,3 +287,21 @@ def test_killed_finetuning_resumes_to_the_same_weights(phantom_cache, tmp_path):
         return [(r["step"], r["loss"]) for r in csv.DictReader((run / "finetune_log.csv").open())]
 
     assert losses(out) == losses(straight.out) and len(losses(out)) == steps
+
+
+def test_a_checkpoint_from_before_lr_schedule_resumes_only_with_the_decay(phantom_cache, tmp_path):
+    """A checkpoint written before ``lr_schedule`` existed trained with the decay: resuming it as a
+    "constant" run is refused like any other changed setting, and as "decay" it resumes. Mutation
+    caught: no ``ADDED_FIELDS`` default (the "constant" resume goes through silently)."""
+    tiny = {"embed_dim": 8, "num_heads": (1, 1, 2, 2), "depths": (1, 1, 1, 1)}
+    common = dict(data=str(phantom_cache), out=str(tmp_path / "run"), steps=2, batch_size=2, num_workers=0,
+                  progress=False, checkpoint_every=1, val_every=1, max_val_cases=1, evaluate_test=False,
+                  labeled=2, val_fraction=0.1, test_fraction=0.1, model_overrides=tiny)  # fmt: skip
+    finetune(FinetuneConfig(**{**common, "steps": 1}))
+    meta_path = next((tmp_path / "run" / "checkpoints").glob("step-*")) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["config"]["lr_schedule"]  # as a checkpoint of the earlier code has it
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="lr_schedule 'decay' -> 'constant'"):
+        finetune(FinetuneConfig(**common, resume=True, lr_schedule="constant"))
+    assert finetune(FinetuneConfig(**common, resume=True)).curve[-1][0] == 2

@@ -157,14 +157,15 @@ def attend_with_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float
     Every query must have at least one key with a finite bias. The shared bias goes to SDPA expanded to
     4D (a stride-0 view, no copy): torch 2.13's CPU kernel takes that ~3x faster than the 3D mask and
     1.5x faster than an explicit matmul + softmax for windows of 64 tokens (forward; forward + backward
-    level; 2 cores, `benchmarks/RESULTS.md`). Where autograd records the attention on the CPU (the
-    grid path of dense blocks in training), SDPA falls back to its math path, whose softmax adds a
-    check for all-masked rows that costs as much as the softmax itself; the explicit form there is
-    the same arithmetic, bit for bit, without that check (1.2-1.5x faster forward + backward).
+    level; 2 cores, `benchmarks/RESULTS.md`). Where autograd records the attention on the CPU in fp32
+    (the grid path of dense blocks in training), SDPA falls back to its math path, whose softmax adds a
+    check for all-masked rows that costs as much as the softmax itself; the explicit form here is that
+    path's arithmetic (q and k each scaled by sqrt(scale)), bit for bit, without the check.
     """
     recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, bias))
-    if recorded and q.device.type == "cpu":
-        return ((q * scale) @ k.transpose(-1, -2) + bias).softmax(-1) @ v
+    if recorded and q.device.type == "cpu" and q.dtype == torch.float32:
+        root = math.sqrt(scale)
+        return ((q * root) @ (k * root).transpose(-1, -2) + bias).softmax(-1) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.expand(q.shape[0], -1, -1, -1), scale=scale)
 
 

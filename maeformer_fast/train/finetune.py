@@ -55,7 +55,7 @@ class FinetuneConfig(RunConfig):
     lr_schedule: str = "decay"
     lr: float | None = None  # default per optimizer: adamw 1e-3, sgd 1e-2
     weight_decay: float | None = None  # default per optimizer: adamw 0.01, sgd 3e-5
-    warmup_steps: int | None = None  # adamw only; default 5% of steps
+    warmup_steps: int | None = None  # adamw, and any "constant" schedule; default 5% of steps
     layer_decay: float = 1.0  # lr factor per encoder stage below the decoder (1 = none)
     freeze_encoder_steps: int = 0  # the encoder's weights stay fixed for the first N steps
     grad_clip: float = 12.0
@@ -193,8 +193,8 @@ def finetune(
         num_workers=config.num_workers, data_on_device=config.data_on_device,
     )  # fmt: skip
 
-    # Validation runs the compiled model when the run compiles: one eval graph per window shape. It
-    # shares the training graph's fallback: an eval graph that fails to compile turns both eager.
+    # Validation runs the compiled model when the run compiles: one eval graph per window shape. An
+    # eval graph that fails to compile makes validation eager, not training (CompiledModel).
     validation_model = train_model.module if dist_info.enabled else train_model
 
     def validate(step: int) -> float:

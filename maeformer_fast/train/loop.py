@@ -215,9 +215,10 @@ class Optimisation:
                 f"{manager.root} holds the checkpoints of an earlier run (newest: {latest.name}): pass "
                 "--resume to continue it, or choose another --out"
             )
-        saved = manager.read_meta(latest).get("config", {})
+        # A field added to the config later: an old checkpoint ran with the field's old behaviour.
+        saved = {**ADDED_FIELDS, **manager.read_meta(latest).get("config", {})}
         current = _settings(config)
-        changed = [  # settings both know: a field added to the config later does not block old runs
+        changed = [  # settings both know: a field added later without an entry here does not block
             f"{name} {saved[name]!r} -> {current[name]!r}"
             for name in sorted(set(saved) & set(current))
             if name not in CHANGEABLE_ON_RESUME and saved[name] != current[name]
@@ -242,6 +243,10 @@ def compiles_optimizer_step(config: RunConfig, precision: str, device: torch.dev
 
 
 # Settings a resumed run may change: where things are and how they run, not what is trained.
+# Fields added to a run config after checkpoints were written without them, with the value that gives
+# the behaviour those checkpoints trained with (a resume under another value is refused like any change).
+ADDED_FIELDS = {"lr_schedule": "decay"}
+
 CHANGEABLE_ON_RESUME = frozenset({
     "data", "out", "cache_dir", "resume", "progress", "num_workers", "loader", "device", "steps",
     "checkpoint_every", "log_every", "preview_every", "val_every", "max_val_cases", "evaluate_test",

@@ -81,7 +81,7 @@ def warmup_cosine(step: int, total: int, warmup: int, floor: float = 0.0) -> flo
 def warmup_constant(step: int, warmup: int) -> float:
     """LR factor: linear warmup to 1 over ``warmup`` steps, then 1 -- for runs whose length a stopping
     rule decides, where a decay over the maximum would tie the lr to that maximum."""
-    return min((step + 1) / warmup, 1.0)
+    return (step + 1) / warmup if step < warmup else 1.0
 
 
 def poly(step: int, total: int, power: float = 0.9) -> float:

@@ -218,8 +218,9 @@ def score_external(config: StudyConfig, row: dict, folder: Path, external: tuple
     cache, cases = external
     device = pick_device(config.device)
     crop = tuple(config.crop_size or get_config(config.model).crop_size)
+    precision = resolve_precision(config.precision, device)
     dice, hd95 = evaluate_saved(folder / "model.safetensors", cache, cases, crop, load_plan(cache), device,
-                                resolve_precision(config.precision, device))  # fmt: skip
+                                precision, step=row["best_step"])  # fmt: skip
     return {**row, **{f"ext_test_dice_{k}": v for k, v in dice.items()},
             **{f"ext_test_hd95_{k}": v for k, v in hd95.items()}, "ext_test_cases": len(cases)}  # fmt: skip
 

@@ -160,6 +160,8 @@ class Converged:
                 if len(running) >= self.config.jobs:
                     done, running = wait(running, return_when=FIRST_COMPLETED)
                     for future in done:
+                        if future.exception() is not None:  # said now: the other runs finish first
+                            print(f"study: a tuning run failed: {future.exception()!r}", flush=True)
                         future.result()
                 if self.deadline.passed():
                     break
