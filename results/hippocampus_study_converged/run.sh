@@ -24,7 +24,7 @@ JOBS=${JOBS:-6}
 EXTRA=(${TEST_DATA:+--test-data "$TEST_DATA"})
 COMMON=(--protocol converged --data "$DATA" --out "$OUT" --seeds 5
         --pretrain-steps 20000 --short-fraction 0.1 --flatten-tolerance 0.01
-        --finetune-max-steps 4000 --val-every 100 --max-val-cases 10
+        --finetune-max-steps 8000 --val-every 100 --max-val-cases 10
         --plateau-patience 10 --plateau-min-delta 0.005 --plateau-min-steps 1000
         --encoder-stages 3 --mask-ratios 0.6,0.75 --tune-labeled 2 --tune-seed 100
         --tune-lrs 3e-4,1e-3,3e-3 --tune-warmups 100,1000 --tune-layer-decays 1.0,0.75
