@@ -228,7 +228,7 @@ def score_external(config: StudyConfig, row: dict, folder: Path, external: tuple
 def checkpoint_every(max_steps: int, most: int = 500) -> int:
     """Checkpoint interval of a run of at most ``max_steps``: a quarter of it, but at most ``most``
     steps, since an interrupted run restarts from its last checkpoint and a plateau rule may stop a
-    fine-tuning run long before its maximum (scratch's maximum in the converged study is 24,000)."""
+    fine-tuning run long before its maximum (scratch's maximum in the converged study is 28,000)."""
     return max(1, min(max_steps // 4, most))
 
 
