@@ -16,4 +16,11 @@ for run in "$OUT"/pretrain/*/ "$OUT"/tuning/*/ "$OUT"/runs/labeled-*/seed-*/*/; 
     last_preview=$(ls "$run"/previews/*.png 2>/dev/null | tail -1 || true)
     if [ -n "$last_preview" ]; then cp "$last_preview" "$DEST/$name"; fi
 done
+# Runs set aside when the protocol changed (their records only; see partial/README.md).
+if [ -d "$OUT/superseded" ]; then
+    (cd "$OUT" && find superseded -not -path '*/checkpoints/*' \( -name '*.json' -o -name '*.csv' \) -print) | while read -r file; do
+        mkdir -p "$DEST/$(dirname "$file")"
+        cp "$OUT/$file" "$DEST/$file"
+    done
+fi
 echo "copied the study's records from $OUT to $DEST"
