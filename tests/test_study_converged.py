@@ -255,3 +255,52 @@ def test_tuning_runs_in_parallel_give_the_sequential_choices(phantom_cache, tmp_
     assert [t["stage"] for t in records("two")] == ["pretext"] * 2 + ["mae_recipe"] * 2 + ["scratch_lr"] * 2
     choices = [json.loads((tmp_path / n / "choices.json").read_text()) for n in ("one", "two")]
     assert choices[0] == choices[1]
+
+
+def write_csv(path, header: str, *rows: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join([header, *rows]) + "\n")
+
+
+def test_progress_report_of_finished_and_running_runs(tmp_path):
+    """``--report-only`` before any arm has finished writes progress.md from the runs' own records:
+    finished runs from their result/pretrain records, runs in progress from their logs (best
+    validation Dice over the logged ones, not the last; steps and clock of the last logged row), the
+    finished tuning runs in the order the search ran them. Hand-made records, numbers read off them.
+    Mutations caught: an in-progress run's best taken as its last validation (0.25 at step 4, not 0.3
+    at step 2); the tuning runs sorted by name only (the running ``a_scratch`` listed first)."""
+    out = tmp_path / "study"
+    (out / "pretrain" / "long").mkdir(parents=True)
+    (out / "pretrain" / "long" / "pretrain.json").write_text(
+        json.dumps({"steps": 10, "wall_time_s": 5.0, "final_loss": 0.5})
+    )
+    write_csv(out / "pretrain" / "long" / "pretrain_log.csv", "step,loss,lr,voxels_per_s,elapsed_s",
+              "5,0.7,0,0,2.5", "10,0.5,0,0,5.0")  # fmt: skip
+    (out / "pretrain" / "short").mkdir()
+    (out / "pretrain" / "short" / "pretrain_config.json").write_text(json.dumps({"steps": 20}))
+    write_csv(out / "pretrain" / "short" / "pretrain_log.csv", "step,loss,lr,voxels_per_s,elapsed_s",
+              "5,0.9,0,0,1.0", "10,0.8,0,0,2.0")  # fmt: skip
+    finished = {"steps": 30, "max_steps": 40, "wall_time_s": 12.0, "best_val_dice": 0.6, "best_step": 20,
+                "curve": [[10, 0.5], [20, 0.6], [30, 0.55]]}  # fmt: skip
+    (out / "tuning" / "t_mae").mkdir(parents=True)
+    (out / "tuning" / "t_mae" / "result.json").write_text(json.dumps(finished))
+    (out / "tuning.json").write_text(json.dumps([{"name": "t_mae"}]))
+    (out / "tuning" / "a_scratch").mkdir()
+    (out / "tuning" / "a_scratch" / "finetune_config.json").write_text(json.dumps({"steps": 50}))
+    write_csv(out / "tuning" / "a_scratch" / "finetune_log.csv", "step,loss,lr,val_dice,elapsed_s",
+              "1,2.0,0,,1.0", "2,1.5,0,0.3000,2.0", "3,1.2,0,,3.0", "4,1.1,0,0.2500,4.5")  # fmt: skip
+
+    result = study(StudyConfig(data="unused", out=str(out), protocol="converged", report_only=True,
+                               report_dir=str(tmp_path / "report")))  # fmt: skip
+
+    assert result.rows == []
+    text = result.files["progress"].read_text()
+    assert "| long | finished | 10 | 10 | 0.5000 | 5 |" in text
+    assert "| short | in progress | 10 | 20 | 0.8000 | 2 |" in text
+    tuning = [line for line in text.splitlines() if line.startswith(("| t_mae", "| a_scratch"))]
+    assert tuning == [
+        "| t_mae | finished | 30 | 40 | 0.6000 | 20 | n/a | 12 |",
+        "| a_scratch | in progress | 4 | 50 | 0.3000 | 2 | 1.1000 | 4 |",
+    ]
+    assert "None fixed yet" in text
+    assert result.files["tuning_plot"].stat().st_size > 0

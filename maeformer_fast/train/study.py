@@ -375,14 +375,19 @@ def finished_study(config: StudyConfig, out: Path, started: float) -> StudyResul
     results = sorted(out.glob("runs/labeled-*/seed-*/*/result.json"))
     rows = sorted((json.loads(p.read_text()) for p in results),
                   key=lambda r: (r["seed"], r["labeled"], order.index(r["arm"])))  # fmt: skip
+    if config.protocol == "converged":  # progress.md (tuning included) always; the report once an arm is done
+        from .study_converged import converged_outputs
+        from .study_progress import write_progress
+
+        files = write_progress(out, Path(config.report_dir or out))
+        pretrained: dict = {}
+        if rows:
+            rows, pretrained, report_files = converged_outputs(config, out, rows)
+            files.update(report_files)
+        return StudyResult(rows, pretrained, files, time.perf_counter() - started)
     if not rows:
         raise FileNotFoundError(f"{out}: no finished arms (runs/labeled-*/seed-*/*/result.json)")
     arms = [a for a in order if any(r["arm"] == a for r in rows)]
-    if config.protocol == "converged":
-        from .study_converged import converged_outputs
-
-        rows, pretrained, files = converged_outputs(config, out, rows)
-        return StudyResult(rows, pretrained, files, time.perf_counter() - started)
     record = out / "pretrain" / "pretrain.json"
     pretrained = json.loads(record.read_text()) if record.is_file() else {}
     files = write_outputs(rows, pretrained, config, arms, Path(config.report_dir or out))
@@ -413,7 +418,8 @@ STUDY_HELP = {
     "precision": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
     "cache_dir": "where to build the preprocessing cache of a raw dataset",
     "progress": "show progress bars",
-    "report_only": "only rewrite tables, plots and report from the arms finished under OUT (trains nothing)",
+    "report_only": "only rewrite tables, plots and report from the arms finished under OUT (trains nothing); "
+    "converged: also progress.md, the state of every pretraining and tuning run, finished or not",
     "test_data": "a separate labeled dataset folder (or cache) every arm's selected model is also scored on; "
     "never used for training, selection or preprocessing statistics",
     "max_hours": "start no new arm (or pretraining) after this many hours; rerun the command to continue",
@@ -445,9 +451,13 @@ STUDY_HELP = {
 def cmd_study(args: argparse.Namespace) -> int:
     from ..cli_args import dataclass_from_args
 
-    result = study(dataclass_from_args(StudyConfig, args))
-    done = "finished" if result.complete else "stopped by --max-hours (rerun to continue)"
-    print(f"study {done} in {result.wall_time_s:.0f} s ({len(result.rows)} arm runs)")
+    config = dataclass_from_args(StudyConfig, args)
+    result = study(config)
+    if config.report_only:
+        print(f"study report written from {len(result.rows)} finished arm runs")
+    else:
+        done = "finished" if result.complete else "stopped by --max-hours (rerun to continue)"
+        print(f"study {done} in {result.wall_time_s:.0f} s ({len(result.rows)} arm runs)")
     for key, path in result.files.items():
         print(f"{key}: {path}")
     return 0

@@ -59,13 +59,13 @@ from .study import (
     run_arm,
     run_pretraining,
 )
+from .study_progress import plot_runs, pretrain_state
 from .study_protocol import (
     best_within,
     encoder_overrides,
     mask_units,
     matched_steps,
     plateaued,
-    read_loss_curve,
     scratch_max_steps,
     step_flops,
 )
@@ -390,27 +390,6 @@ def with_compute(rows: list[dict], pretrained: dict, flops: dict) -> list[dict]:
     return out
 
 
-def plot_pretraining(records: dict[str, dict], path: Path) -> None:
-    """Masked-unit loss vs step of each pretraining run (both budgets and the pretext trials)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, record in records.items():
-        steps, losses = read_loss_curve(Path(record["encoder_path"]).parent / "pretrain_log.csv")
-        ax.plot(steps, losses, label=name, lw=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("pretraining step")
-    ax.set_ylabel("masked-unit loss (norm-pix)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def converged_outputs(
     config: StudyConfig, out: Path, rows: list[dict]
 ) -> tuple[list[dict], dict, dict[str, Path]]:
@@ -432,7 +411,8 @@ def converged_outputs(
     report = functools.partial(converged_report, context=context)
     files = write_outputs(rows, pretrained, config, arms, report_dir, COMPARISONS, METRICS, report)
     files["pretrain_plot"] = report_dir / "pretrain_loss.png"
-    plot_pretraining(records, files["pretrain_plot"])
+    runs = [pretrain_state(out / "pretrain" / name) for name in records]
+    plot_runs(runs, "masked-unit loss (norm-pix)", files["pretrain_plot"], log_x=True)
     files["record"] = report_dir / "study_record.json"  # choices, FLOPs, pretraining runs, tuning trials
     atomic_write_text(files["record"], json.dumps(context, indent=2))
     return rows, pretrained, files

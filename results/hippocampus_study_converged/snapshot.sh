@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Copy the small records of a study still in progress (run.sh's work folder) into partial/, to commit
+# Copies the small records of a study still in progress (run.sh's work folder) into partial/, to commit
 # between chunks: pretraining logs, records and last previews, tuning-run logs and results, finished
-# arms' results, the machine and the study's settings. Weights and checkpoints stay in the work folder.
+# arms' results, the machine and the study's settings, and writes progress.md (maeformer study
+# --report-only). Weights and checkpoints stay in the work folder.
 set -euo pipefail
 OUT=${OUT:-runs/hippocampus_study_converged}
 DEST=${DEST:-results/hippocampus_study_converged/partial}
@@ -23,4 +24,6 @@ if [ -d "$OUT/superseded" ]; then
         cp "$OUT/$file" "$DEST/$file"
     done
 fi
+# progress.md and the tuning and pretraining plots (and, once an arm has finished, the report so far).
+maeformer study --data "${DATA:-../shared/data/Task04_Hippocampus}" --out "$OUT" --report-only --report-dir "$DEST"
 echo "copied the study's records from $OUT to $DEST"
