@@ -267,8 +267,10 @@ def test_progress_report_of_finished_and_running_runs(tmp_path):
     finished runs from their result/pretrain records, runs in progress from their logs (best
     validation Dice over the logged ones, not the last; steps and clock of the last logged row), the
     finished tuning runs in the order the search ran them. Hand-made records, numbers read off them.
-    Mutations caught: an in-progress run's best taken as its last validation (0.25 at step 4, not 0.3
-    at step 2); the tuning runs sorted by name only (the running ``a_scratch`` listed first)."""
+    Arms in progress listed by labeled count as a number (``all`` last), then seed. Mutations caught:
+    an in-progress run's best taken as its last validation (0.25 at step 4, not 0.3 at step 2); the
+    tuning runs sorted by name only (the running ``a_scratch`` listed first); arms sorted by folder name
+    (labeled-10 before labeled-2)."""
     out = tmp_path / "study"
     (out / "pretrain" / "long").mkdir(parents=True)
     (out / "pretrain" / "long" / "pretrain.json").write_text(
@@ -290,6 +292,12 @@ def test_progress_report_of_finished_and_running_runs(tmp_path):
     write_csv(out / "tuning" / "a_scratch" / "finetune_log.csv", "step,loss,lr,val_dice,elapsed_s",
               "1,2.0,0,,1.0", "2,1.5,0,0.3000,2.0", "3,1.2,0,,3.0", "4,1.1,0,0.2500,4.5")  # fmt: skip
 
+    arms = out / "runs"
+    for arm in ("labeled-all/seed-0/mae", "labeled-10/seed-0/mae", "labeled-2/seed-1/scratch"):
+        (arms / arm).mkdir(parents=True)
+        (arms / arm / "finetune_config.json").write_text(json.dumps({"steps": 80}))
+        write_csv(arms / arm / "finetune_log.csv", "step,loss,lr,val_dice,elapsed_s", "1,2.0,0,0.1000,1.0")
+
     result = study(StudyConfig(data="unused", out=str(out), protocol="converged", report_only=True,
                                report_dir=str(tmp_path / "report")))  # fmt: skip
 
@@ -302,5 +310,8 @@ def test_progress_report_of_finished_and_running_runs(tmp_path):
         "| t_mae | finished | 30 | 40 | 0.6000 | 20 | n/a | 12 |",
         "| a_scratch | in progress | 4 | 50 | 0.3000 | 2 | 1.1000 | 4 |",
     ]
+    assert "## Arms (0 finished, 3 in progress)" in text
+    arm_rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| labeled-")]
+    assert arm_rows == ["| labeled-2/seed-1/scratch", "| labeled-10/seed-0/mae", "| labeled-all/seed-0/mae"]
     assert "None fixed yet" in text
     assert result.files["tuning_plot"].stat().st_size > 0

@@ -375,7 +375,7 @@ def finished_study(config: StudyConfig, out: Path, started: float) -> StudyResul
     results = sorted(out.glob("runs/labeled-*/seed-*/*/result.json"))
     rows = sorted((json.loads(p.read_text()) for p in results),
                   key=lambda r: (r["seed"], r["labeled"], order.index(r["arm"])))  # fmt: skip
-    if config.protocol == "converged":  # progress.md (tuning included) always; the report once an arm is done
+    if config.protocol == "converged":  # progress.md always; the report once an arm is done
         from .study_converged import converged_outputs
         from .study_progress import write_progress
 
@@ -419,7 +419,7 @@ STUDY_HELP = {
     "cache_dir": "where to build the preprocessing cache of a raw dataset",
     "progress": "show progress bars",
     "report_only": "only rewrite tables, plots and report from the arms finished under OUT (trains nothing); "
-    "converged: also progress.md, the state of every pretraining and tuning run, finished or not",
+    "converged: also progress.md, the state of every pretraining run, tuning run and arm, finished or not",
     "test_data": "a separate labeled dataset folder (or cache) every arm's selected model is also scored on; "
     "never used for training, selection or preprocessing statistics",
     "max_hours": "start no new arm (or pretraining) after this many hours; rerun the command to continue",

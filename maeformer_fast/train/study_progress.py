@@ -1,16 +1,16 @@
-"""Where a converged study stands before its first arm has finished (``maeformer study --protocol
-converged --report-only`` during the tuning stage): every pretraining and tuning run under OUT,
-finished or still training, and the choices made so far, as ``progress.md`` with two plots.
+"""Where a converged study stands (``maeformer study --protocol converged --report-only``): every
+pretraining run, tuning run and arm under OUT, finished or still training, and the choices made so far,
+as ``progress.md`` with two plots.
 
 A study of many CPU-hours runs in chunks for days; this reads only the runs' records (``pretrain.json``
 and ``result.json`` of finished runs, the CSV logs of runs in progress, ``choices.json``), so it can be
-written between chunks or while a chunk trains.
-"""
+written before any arm has finished, between chunks or while a chunk trains."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -46,21 +46,30 @@ def _max_steps(folder: Path, config_file: str) -> int:
     return int(json.loads(config.read_text())["steps"]) if config.is_file() else 0
 
 
-def finetune_state(folder: Path) -> RunState:
-    """A tuning run's state: from its ``result.json`` when finished, else from ``finetune_log.csv``."""
+def finetune_state(folder: Path, name: str | None = None) -> RunState:
+    """A fine-tuning run's state (tuning run or arm, named ``name`` or its folder's name): from its
+    ``result.json`` when finished, else from ``finetune_log.csv``."""
+    name = name or folder.name
     rows = _log_rows(folder / "finetune_log.csv")
     last_loss = float(rows[-1]["loss"]) if rows else None
     result = folder / "result.json"
     if result.is_file():
         r = json.loads(result.read_text())
         curve = [(int(step), float(dice)) for step, dice in r["curve"]]
-        return RunState(folder.name, True, r["steps"], r["max_steps"], r["wall_time_s"], last_loss,
+        return RunState(name, True, r["steps"], r["max_steps"], r["wall_time_s"], last_loss,
                         r["best_val_dice"], r["best_step"], curve)  # fmt: skip
     curve = [(int(r["step"]), float(r["val_dice"])) for r in rows if r["val_dice"]]
     best_step, best = max(curve, key=lambda point: point[1]) if curve else (None, None)
     steps, wall = (int(rows[-1]["step"]), float(rows[-1]["elapsed_s"])) if rows else (0, 0.0)
     max_steps = _max_steps(folder, "finetune_config.json")
-    return RunState(folder.name, False, steps, max_steps, wall, last_loss, best, best_step, curve)
+    return RunState(name, False, steps, max_steps, wall, last_loss, best, best_step, curve)
+
+
+def arm_position(folder: Path) -> tuple[float, int, str]:
+    """Sort key of ``OUT/runs/labeled-K/seed-S/ARM``: labeled count (``all`` last), seed, arm."""
+    labeled = folder.parent.parent.name.removeprefix("labeled-")
+    seed = int(folder.parent.name.removeprefix("seed-"))
+    return (math.inf if labeled == "all" else int(labeled), seed, folder.name)
 
 
 def pretrain_state(folder: Path) -> RunState:
@@ -82,35 +91,50 @@ def _num(value: float | None, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def progress_markdown(out: Path, pretraining: list[RunState], tuning: list[RunState], arms: int) -> str:
-    """progress.md: pretraining and tuning runs (finished or in progress), choices so far, arms."""
-    state = {True: "finished", False: "in progress"}
+STATE = {True: "finished", False: "in progress"}
+
+
+def _finetune_table(runs: list[RunState]) -> list[str]:
+    return [
+        "| run | state | steps | maximum | best val Dice | at step | last loss | wall (s) |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {r.name} | {STATE[r.finished]} | {r.steps} | {r.max_steps} | {_num(r.best)} | "
+            f"{'n/a' if r.best_step is None else r.best_step} | {_num(r.last_loss)} | {r.wall_s:.0f} |"
+            for r in runs
+        ),
+    ]
+
+
+def progress_markdown(
+    out: Path, pretraining: list[RunState], tuning: list[RunState], arms: list[RunState]
+) -> str:
+    """progress.md: pretraining, tuning and arm runs (finished or in progress), choices so far."""
+    finished_arms = sum(r.finished for r in arms)
     lines = [
         "# The converged study: progress",
         "",
         f"Read from `{out}` at {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; runs in progress "
-        "as of their last logged step (a run resumes from its last checkpoint). Finished arms: "
-        f"{arms} (the full report is written once one has finished).",
+        "as of their last logged step (a run resumes from its last checkpoint). Validation Dice only: "
+        "the test scores of finished arms are in the study's report.",
         "",
         "## Pretraining (masked-unit loss; curves: `pretrain_loss.png`)",
         "",
         "| run | state | steps | of | last loss | wall (s) |",
         "|---|---|---|---|---|---|",
         *(
-            f"| {r.name} | {state[r.finished]} | {r.steps} | {r.max_steps} | {_num(r.last_loss)} | "
+            f"| {r.name} | {STATE[r.finished]} | {r.steps} | {r.max_steps} | {_num(r.last_loss)} | "
             f"{r.wall_s:.0f} |"
             for r in pretraining
         ),
         "",
         "## Tuning runs (validation Dice; curves: `tuning_val_dice.png`)",
         "",
-        "| run | state | steps | maximum | best val Dice | at step | last loss | wall (s) |",
-        "|---|---|---|---|---|---|---|---|",
-        *(
-            f"| {r.name} | {state[r.finished]} | {r.steps} | {r.max_steps} | {_num(r.best)} | "
-            f"{'n/a' if r.best_step is None else r.best_step} | {_num(r.last_loss)} | {r.wall_s:.0f} |"
-            for r in tuning
-        ),
+        *_finetune_table(tuning),
+        "",
+        f"## Arms ({finished_arms} finished, {len(arms) - finished_arms} in progress)",
+        "",
+        *(_finetune_table(arms) if arms else ["None started yet."]),
         "",
         "## Choices so far",
         "",
@@ -156,7 +180,8 @@ def write_progress(out: Path, report_dir: Path) -> dict[str, Path]:
     tuning = [finetune_state(f) for f in folders]
     if not pretraining and not tuning:
         raise FileNotFoundError(f"{out}: no pretraining or tuning run yet (pretrain/*, tuning/*)")
-    arms = len(list(out.glob("runs/labeled-*/seed-*/*/result.json")))
+    arm_folders = sorted((f for f in out.glob("runs/labeled-*/seed-*/*/") if f.is_dir()), key=arm_position)
+    arms = [finetune_state(f, f.relative_to(out / "runs").as_posix()) for f in arm_folders]
     report_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "progress": report_dir / "progress.md",
