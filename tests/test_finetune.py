@@ -289,6 +289,32 @@ def test_killed_finetuning_resumes_to_the_same_weights(phantom_cache, tmp_path):
     assert losses(out) == losses(straight.out) and len(losses(out)) == steps
 
 
+def test_paused_finetuning_stops_at_a_checkpoint_and_resumes_to_the_same_run(phantom_cache, tmp_path):
+    """``pause`` (the study's ``--max-hours``) ends a run at a checkpoint before its last step, unscored,
+    and the resumed run equals an uninterrupted one (curve, best step, weights). Pause is asked after
+    each checkpoint that is not the last step: at step 2, at step 4 (after the validation at step 3),
+    never at step 6. Mutations caught: the pause check removed (the first run finishes); pause asked at
+    the last step too (the third call pauses at step 6)."""
+    from maeformer_fast.weights import load_weights
+
+    common = dict(data=str(phantom_cache), steps=6, batch_size=2, num_workers=0, progress=False,
+                  checkpoint_every=2, val_every=3, max_val_cases=1, deterministic=True)  # fmt: skip
+    straight = finetune(FinetuneConfig(out=str(tmp_path / "straight"), **common))
+    paused = FinetuneConfig(out=str(tmp_path / "paused"), resume=True, **common)
+    first = finetune(paused, pause=lambda: True)
+    assert first.paused and first.curve == [] and first.test_dice is None
+    assert not (tmp_path / "paused" / "last.safetensors").exists()
+    second = finetune(paused, pause=lambda: True)
+    assert second.paused and second.curve == straight.curve[:1]
+    third = finetune(paused, pause=lambda: True)
+    assert not third.paused and third.curve == straight.curve and third.best_step == straight.best_step
+    assert third.test_dice == straight.test_dice
+    for name in ("last.safetensors", "model.safetensors"):
+        expected, _ = load_weights(straight.out / name)
+        for key, value in load_weights(third.out / name)[0].items():
+            assert torch.equal(value, expected[key]), f"{name} {key}"
+
+
 def test_a_checkpoint_from_before_lr_schedule_resumes_only_with_the_decay(phantom_cache, tmp_path):
     """A checkpoint written before ``lr_schedule`` existed trained with the decay: resuming it as a
     "constant" run is refused like any other changed setting, and as "decay" it resumes. Mutation

@@ -115,6 +115,25 @@ def test_killed_run_resumes_to_the_same_weights(phantom_cache, tmp_path):
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def test_paused_run_stops_at_a_checkpoint_and_resumes_to_the_same_weights(phantom_cache, tmp_path):
+    """``pause`` (the study's ``--max-hours``) ends a run at its first checkpoint that is not the last
+    step, writes no encoder, and the resumed run (asked to pause too: its only checkpoint left is the
+    last step, which ends the run either way) equals an uninterrupted one bit for bit. Mutation caught:
+    the pause check removed (the first run finishes)."""
+    settings = dict(steps=6, checkpoint_every=3, log_every=1)
+    reference = pretrain(config(phantom_cache, tmp_path / "straight", **settings))
+    out = tmp_path / "paused"
+    first = pretrain(config(phantom_cache, out, **settings), pause=lambda: True)
+    assert first.paused and len(first.losses) == 3
+    assert not (out / "encoder.safetensors").exists()
+    resumed = pretrain(config(phantom_cache, out, resume=True, **settings), pause=lambda: True)
+    assert not resumed.paused and len(resumed.losses) == 3
+    assert first.losses + resumed.losses == reference.losses
+    expected = load_encoder(reference.encoder_path).state_dict()
+    for name, value in load_encoder(resumed.encoder_path).state_dict().items():
+        assert torch.equal(value, expected[name]), name
+
+
 def test_run_folders_are_never_silently_reused_or_misread(phantom_cache, tmp_path):
     out = tmp_path / "run"
     pretrain(config(phantom_cache, out, steps=2, checkpoint_every=1))

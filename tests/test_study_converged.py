@@ -168,9 +168,11 @@ def one_thread():
 @pytest.mark.usefixtures("one_thread")
 def test_converged_study_chunks_resume_and_external_test(phantom_cache, tmp_path, capsys, monkeypatch):
     """Catches an arm retrained after a chunk boundary (tried: ``run_arm`` ignoring a finished
-    ``result.json``), an external score from the wrong model or cases (tried: ``score_external``
-    scoring ``last.safetensors``, and the training cache's cases of the same ids) and scratch capped at
-    the MAE arms' maximum (tried: ``scratch_max = config.finetune_max_steps``)."""
+    ``result.json``), a run in progress that does not pause at the deadline (tried: ``run_arm`` not
+    passing it to ``finetune``: the scratch arm finishes in the first chunk), an external score from
+    the wrong model or cases (tried: ``score_external`` scoring ``last.safetensors``, and the training
+    cache's cases of the same ids) and scratch capped at the MAE arms' maximum (tried:
+    ``scratch_max = config.finetune_max_steps``)."""
     external = ensure_preprocessed(
         make_phantoms(tmp_path / "Elsewhere", num_labeled=2, num_unlabeled=0, shape=(40, 56, 48), seed=7),
         tmp_path / "elsewhere_cache",
@@ -183,11 +185,15 @@ def test_converged_study_chunks_resume_and_external_test(phantom_cache, tmp_path
         tune_warmups="1", tune_layer_decays="1.0", tune_freeze_steps="0,1", tune_scratch_lrs="1e-3,2e-3",
         test_data=str(external), max_hours=1.0, model_overrides={"embed_dim": 8},
     )  # fmt: skip
-    # A chunk boundary after 11 runs (3 pretrainings, 6 tuning runs, 2 arms): the third arm is cut.
-    calls = iter(range(1000))
-    monkeypatch.setattr(study_module.Deadline, "passed", lambda self: next(calls) >= 11)
+    # A chunk boundary while the third arm trains (after 3 pretrainings, 6 tuning runs and 2 arms): it
+    # pauses at its first checkpoint (every step here), unfinished, and the next chunk resumes it.
+    scratch = tmp_path / "study" / "runs" / "labeled-1" / "seed-0" / "scratch"
+    monkeypatch.setattr(
+        study_module.Deadline, "passed", lambda self: (scratch / "finetune_log.csv").is_file()
+    )
     first = study(config)
     assert not first.complete and [r["arm"] for r in first.rows] == ["mae", "mae_short"]
+    assert (scratch / "checkpoints" / "step-0000001").is_dir() and not (scratch / "result.json").exists()
     monkeypatch.undo()
     capsys.readouterr()
     result = study(config)
@@ -255,6 +261,31 @@ def test_tuning_runs_in_parallel_give_the_sequential_choices(phantom_cache, tmp_
     assert [t["stage"] for t in records("two")] == ["pretext"] * 2 + ["mae_recipe"] * 2 + ["scratch_lr"] * 2
     choices = [json.loads((tmp_path / n / "choices.json").read_text()) for n in ("one", "two")]
     assert choices[0] == choices[1]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_tuning_runs_in_workers_pause_at_the_deadline(phantom_cache, tmp_path, capsys):
+    """With ``jobs=2`` the deadline reaches the worker processes: three 400-step tuning runs, a deadline
+    2 s after the start (before any worker has imported torch): the two running ones pause at their
+    first checkpoint (step 100), unfinished, the third never starts, and the study stops (``Stopped``)
+    without calling a paused run a failure. Mutations caught: ``trial_args`` without the deadline (the
+    runs train their 400 steps); the ``Stopped`` exception in ``run_in_parallel`` reported as a
+    failed run."""
+    config = StudyConfig(data=str(phantom_cache), out=str(tmp_path), jobs=2, num_workers=0, val_every=50,
+                         max_val_cases=1, tune_labeled=1, model_overrides={"embed_dim": 8})  # fmt: skip
+    deadline = study_module.Deadline(2 / 3600)
+    run = study_converged.Converged(config, tmp_path, phantom_cache, phantom_cache, None, deadline)
+    recipe = {"lr_schedule": "constant", "lr": 1e-3, "warmup_steps": 1, "model_overrides": {"embed_dim": 8}}
+    spec = study_module.ArmSpec(None, 400, recipe, evaluate_test=False)
+    trials = [study_converged.Trial("scratch_lr", f"scratch_{i}", spec, {}) for i in range(3)]
+    with pytest.raises(study_module.Stopped):
+        run.run_trials(trials)
+    assert "failed" not in capsys.readouterr().out
+    for name in ("scratch_0", "scratch_1"):
+        folder = tmp_path / "tuning" / name
+        assert not (folder / "result.json").exists()
+        assert [p.name for p in sorted((folder / "checkpoints").glob("step-*"))] == ["step-0000100"]
+    assert not (tmp_path / "tuning" / "scratch_2").exists()
 
 
 def write_csv(path, header: str, *rows: str) -> None:

@@ -82,6 +82,7 @@ class FinetuneResult:
     test_dice: dict[str, float] | None
     test_hd95: dict[str, float] | None
     wall_time_s: float
+    paused: bool = False  # ended at a checkpoint by ``pause``: not scored, resume to finish
 
 
 def layer_lr_scales(model: NNFormer, decay: float) -> dict[str, float]:
@@ -140,17 +141,24 @@ def segmentation_loss(
 
 
 def finetune(
-    config: FinetuneConfig, stop: Callable[[list[tuple[int, float]]], bool] | None = None
+    config: FinetuneConfig,
+    stop: Callable[[list[tuple[int, float]]], bool] | None = None,
+    pause: Callable[[], bool] | None = None,
 ) -> FinetuneResult:
     """Fine-tune; validation Dice every ``val_every`` steps picks the best model; resumable.
 
     ``stop(curve)``, called after each validation with the (step, Dice) curve so far, ends training
-    early when it returns True (single process only: e.g. a plateau criterion)."""
+    early when it returns True (single process only: e.g. a plateau criterion). ``pause()``, asked after
+    each checkpoint of a run that goes on, ends it there when it returns True (single process only; e.g.
+    a time budget): the result says ``paused``, the test split is not scored, and a resumed run
+    continues from that checkpoint as if it had not stopped."""
     from ..data import make_loader
 
     run = setup_run(config)
-    if stop is not None and run.dist.enabled:
-        raise ValueError("finetune: stop needs a single process (its decision is not shared across ranks)")
+    if (stop is not None or pause is not None) and run.dist.enabled:
+        raise ValueError(
+            "finetune: stop and pause need a single process (their decisions are not shared across ranks)"
+        )
     device, dist_info, out = run.device, run.dist, run.out
     plan = load_plan(run.cache)
     labeled_cases = [c["id"] for c in plan["cases"] if c["has_label"]]
@@ -225,6 +233,7 @@ def finetune(
     # host wait per read, not per step); ``rows`` keeps the other log fields of those steps.
     pending = PendingLosses(dist_info.rank if dist_info.enabled else None)
     rows: list[dict[str, str]] = []
+    paused = False
     for step in bar:
         if config.freeze_encoder_steps:  # no gradient: AdamW/SGD leave weights and moments untouched
             model.encoder.requires_grad_(step >= config.freeze_encoder_steps)
@@ -259,7 +268,13 @@ def finetune(
             optimisation.save(checkpoints, done, config, meta)
         if val_dice is not None and stop is not None and stop(curve):
             break
+        if save_now and done < config.steps and pause is not None and pause():
+            paused = True
+            break
     bar.close()
+    if paused:  # resumable from the checkpoint just saved: nothing final is written or scored
+        return FinetuneResult(out, model_path, last_path, best["dice"], best["step"], curve, splits.to_dict(),
+                              None, None, time.perf_counter() - started, paused=True)  # fmt: skip
     barrier(dist_info)
 
     test_dice = test_hd95 = None

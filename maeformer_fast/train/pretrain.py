@@ -6,6 +6,7 @@ import functools
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class PretrainResult:
     wall_time_s: float
     log_path: Path
     losses: list[float]
+    paused: bool = False  # ended at a checkpoint by ``pause``: no encoder yet, resume to finish
 
 
 def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
@@ -111,11 +113,17 @@ def mae_loss(
         return model(images, visible_ids)
 
 
-def pretrain(config: PretrainConfig) -> PretrainResult:
-    """Pretrain; resumes from ``out/checkpoints`` when ``config.resume`` and a checkpoint exists."""
+def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) -> PretrainResult:
+    """Pretrain; resumes from ``out/checkpoints`` when ``config.resume`` and a checkpoint exists.
+
+    ``pause()``, asked after each checkpoint before the last step, ends the run there when it returns
+    True (single process only; e.g. a time budget): the result says ``paused`` and no encoder is
+    written; a resumed run continues from that checkpoint as if it had not stopped."""
     from ..data import make_loader
 
     run = setup_run(config)
+    if pause is not None and run.dist.enabled:
+        raise ValueError("pretrain: pause needs a single process (its decision is not shared across ranks)")
     device, precision, dist_info, out = run.device, run.precision, run.dist, run.out
 
     torch.manual_seed(config.seed)
@@ -171,6 +179,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps, desc="pretrain",
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
     pending = PendingLosses(dist_info.rank if dist_info.enabled else None)
+    done = start_step
     for step in bar:
         local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
         pending.add(step, mean_across_ranks(local_loss, dist_info), local_loss, current["case_ids"])
@@ -196,10 +205,13 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         if dist_info.is_main and save_now:
             elapsed_s = earlier_s + time.perf_counter() - started
             optimisation.save(checkpoints, done, config, {"kind": "pretrain", "elapsed_s": elapsed_s})
+            if done < config.steps and pause is not None and pause():
+                break
     bar.close()
 
     encoder_path = out / "encoder.safetensors"
-    if dist_info.is_main:
+    paused = done < config.steps
+    if dist_info.is_main and not paused:
         info = {"mask_ratio": config.mask_ratio, "steps": config.steps, "encoder_mode": config.encoder,
                 "data": str(config.data), "crop_size": list(crop)}  # fmt: skip
         save_encoder(encoder_path, unwrap(model).encoder, info)
@@ -212,6 +224,7 @@ def pretrain(config: PretrainConfig) -> PretrainResult:
         wall_time_s=earlier_s + time.perf_counter() - started,
         log_path=out / "pretrain_log.csv",
         losses=losses,
+        paused=paused,
     )
 
 

@@ -12,8 +12,9 @@ each labeled count and seed fine-tunes three arms on the same cases:
 Model selection uses the fixed validation split; the numbers come from the separate test split
 (and, with ``test_data``, from a separate labeled folder too). Resumable: each arm writes
 ``result.json`` atomically into its own folder and is skipped on rerun; an interrupted arm continues
-from its last checkpoint; the encoder is reused if its file exists; ``max_hours`` stops cleanly
-between arms. ``protocol="converged"`` runs the converged study of ``study_converged`` instead.
+from its last checkpoint; the encoder is reused if its file exists; ``max_hours`` stops cleanly (no
+new run starts, a run in progress pauses at its next checkpoint). ``protocol="converged"`` runs the
+converged study of ``study_converged`` instead.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class StudyConfig:
     progress: bool = False
     report_only: bool = False  # rewrite tables/plots/report from the finished arms; train nothing
     test_data: str | None = None  # a separate labeled folder every arm's selected model is scored on
-    max_hours: float | None = None  # start no new arm after this many hours (rerun to continue)
+    max_hours: float | None = None  # stop after this many hours, at a checkpoint (rerun to continue)
     protocol: str = "fixed"  # "fixed" (the steps above) or "converged" (study_converged)
     # The converged protocol (pretrain_steps is its long budget):
     finetune_max_steps: int = 8000
@@ -158,9 +159,10 @@ def pretraining_view(cache: Path, exclude: set[str], view: Path) -> Path:
 
 
 def run_pretraining(config: StudyConfig, folder: Path, data: Path, steps: int, overrides: dict,
-                    mask_ratio: float = 0.75) -> dict:  # fmt: skip
+                    mask_ratio: float = 0.75, deadline: Deadline | None = None) -> dict:  # fmt: skip
     """Pretrain once into ``folder`` on the cache ``data``, or reuse its finished encoder; returns the
-    pretraining record (with the loss's flattening over the last tenth of the run, from its log)."""
+    pretraining record (with the loss's flattening over the last tenth of the run, from its log).
+    Raises :class:`Stopped` when ``deadline`` passed and the run paused at a checkpoint."""
     record_path = folder / "pretrain.json"
     if (folder / "encoder.safetensors").is_file() and record_path.is_file():
         return json.loads(record_path.read_text())
@@ -170,7 +172,9 @@ def run_pretraining(config: StudyConfig, folder: Path, data: Path, steps: int, o
         device=config.device, precision=config.precision, progress=config.progress, resume=True,
         checkpoint_every=checkpoint_every(steps), model_overrides=overrides, log_every=max(1, steps // 200),
         preview_every=max(1, steps // 4),
-    ))  # fmt: skip
+    ), pause=deadline and deadline.passed)  # fmt: skip
+    if result.paused:
+        raise Stopped(f"{folder} paused at its last checkpoint")
     record = {
         "encoder_path": str(result.encoder_path),
         "steps": result.steps,
@@ -246,9 +250,11 @@ class ArmSpec:
 
 
 def run_arm(config: StudyConfig, folder: Path, arm: str, labeled: int | None, seed: int, cache: Path,
-            spec: ArmSpec, external: tuple[Path, list[str]] | None = None) -> dict:  # fmt: skip
+            spec: ArmSpec, external: tuple[Path, list[str]] | None = None,
+            deadline: Deadline | None = None) -> dict:  # fmt: skip
     """Fine-tune one arm (or load its finished result); returns its table row plus the curve. With an
-    ``external`` test set, a finished arm not yet scored on it is scored and its result rewritten."""
+    ``external`` test set, a finished arm not yet scored on it is scored and its result rewritten.
+    Raises :class:`Stopped` when ``deadline`` passed and the run paused at a checkpoint."""
     result_path = folder / "result.json"
     if result_path.is_file():
         row = json.loads(result_path.read_text())
@@ -266,7 +272,9 @@ def run_arm(config: StudyConfig, folder: Path, arm: str, labeled: int | None, se
         "precision": config.precision, "device": config.device,
         "checkpoint_every": checkpoint_every(spec.steps), "resume": True, "progress": config.progress,
         "model_overrides": config.model_overrides, "evaluate_test": spec.evaluate_test, **spec.recipe,
-    }), stop=spec.stop)  # fmt: skip
+    }), stop=spec.stop, pause=deadline and deadline.passed)  # fmt: skip
+    if result.paused:
+        raise Stopped(f"{folder} paused at step {result.curve[-1][0] if result.curve else 0}")
     row = {
         "arm": arm,
         "labeled": len(result.splits["train"]),
@@ -323,17 +331,22 @@ def study(config: StudyConfig) -> StudyResult:
         return run_converged(config, out, cache, data, counts, external, deadline, started)
 
     arms = parse_arms(config.arms)
-    pretrained = run_pretraining(config, out / "pretrain", data, config.pretrain_steps,
-                                 config.model_overrides) if "mae" in arms else {}  # fmt: skip
-    rows = []
-    # Seeds outermost: a study stopped early still holds complete, paired (arm x count) seeds.
-    for seed, labeled, arm in arm_order(config.seeds, counts, arms):
-        if deadline.passed():
-            break
-        steps = config.finetune_steps + (config.pretrain_steps if arm == "scratch_matched" else 0)
-        spec = ArmSpec(pretrained.get("encoder_path") if arm == "mae" else None, steps)
-        rows.append(run_arm(config, arm_folder(out, labeled, seed, arm), arm, labeled, seed, cache, spec,
-                            external))  # fmt: skip
+    rows: list[dict] = []
+    pretrained: dict = {}
+    try:
+        if "mae" in arms:
+            pretrained = run_pretraining(config, out / "pretrain", data, config.pretrain_steps,
+                                         config.model_overrides, deadline=deadline)  # fmt: skip
+        # Seeds outermost: a study stopped early still holds complete, paired (arm x count) seeds.
+        for seed, labeled, arm in arm_order(config.seeds, counts, arms):
+            folder = arm_folder(out, labeled, seed, arm)
+            if not (folder / "result.json").is_file() and deadline.passed():
+                break
+            steps = config.finetune_steps + (config.pretrain_steps if arm == "scratch_matched" else 0)
+            spec = ArmSpec(pretrained.get("encoder_path") if arm == "mae" else None, steps)
+            rows.append(run_arm(config, folder, arm, labeled, seed, cache, spec, external, deadline))
+    except Stopped:
+        pass
     files = write_outputs(rows, pretrained, config, arms, Path(config.report_dir or out)) if rows else {}
     complete = len(rows) == config.seeds * len(counts) * len(arms)
     return StudyResult(rows, pretrained, files, time.perf_counter() - started, complete)
@@ -341,7 +354,8 @@ def study(config: StudyConfig) -> StudyResult:
 
 class Deadline:
     """``passed()`` once ``hours`` have gone by since it was made (never with None): the study then
-    starts no new arm and writes what it has; a rerun continues."""
+    starts no new run, a run in progress stops at its next checkpoint, and the study writes what it
+    has; a rerun continues. The clock is the machine's monotonic one, shared by worker processes."""
 
     def __init__(self, hours: float | None) -> None:
         self.end = None if hours is None else time.monotonic() + hours * 3600
@@ -349,8 +363,13 @@ class Deadline:
     def passed(self) -> bool:
         if self.end is None or time.monotonic() < self.end:
             return False
-        print("study: --max-hours reached; stopping before the next arm (rerun to continue)", flush=True)
+        print("study: --max-hours reached: no new run starts, a run in progress stops at its next "
+              "checkpoint (rerun to continue)", flush=True)  # fmt: skip
         return True
+
+
+class Stopped(Exception):
+    """``--max-hours`` passed: the study stops (before its next run, or a run paused at a checkpoint)."""
 
 
 def arm_order(seeds: int, counts: list[int | None], arms: list[str]) -> list[tuple[int, int | None, str]]:
@@ -422,7 +441,8 @@ STUDY_HELP = {
     "converged: also progress.md, the state of every pretraining run, tuning run and arm, finished or not",
     "test_data": "a separate labeled dataset folder (or cache) every arm's selected model is also scored on; "
     "never used for training, selection or preprocessing statistics",
-    "max_hours": "start no new arm (or pretraining) after this many hours; rerun the command to continue",
+    "max_hours": "stop after this many hours: no new run starts and a run in progress pauses at its next "
+    "checkpoint (every <= 500 steps); rerun the command to continue",
     "protocol": "fixed (the fixed steps above) or converged (tuned, plateau-stopped arms, two pretraining "
     "budgets, compute in steps/FLOPs/wall-clock; docs/study.md)",
     "finetune_max_steps": "converged: the MAE arms' maximum fine-tuning steps (scratch adds the pretraining)",

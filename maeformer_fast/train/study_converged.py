@@ -1,8 +1,8 @@
 """The study at converged budgets (``maeformer study --protocol converged``): does MAE pretraining help
 nnFormer with few labels once every arm has converged, and at matched compute?
 
-Stages, each resumable (a finished run keeps its ``result.json`` / ``pretrain.json``) and each a
-point where ``--max-hours`` may stop the study cleanly:
+Stages, each resumable (a finished run keeps its ``result.json`` / ``pretrain.json``); ``--max-hours``
+stops the study cleanly anywhere (no new run starts, a run in progress pauses at its next checkpoint):
 
 1. Pretext, chosen on validation Dice only: for every encoder layout (``encoder_stages``; 3 stages of
    the small config = total stride 8 = 96 mask units on a 32x48x32 crop) and mask ratio
@@ -51,6 +51,7 @@ from .study import (
     CONVERGED_ARMS,
     ArmSpec,
     Deadline,
+    Stopped,
     StudyConfig,
     StudyResult,
     arm_folder,
@@ -73,10 +74,6 @@ from .study_report import arm_summary, write_outputs
 
 COMPARISONS = (("mae", "scratch"), ("mae_short", "scratch"), ("mae", "mae_short"))
 METRICS = ("test_dice_mean", "ext_test_dice_mean")
-
-
-class Stopped(Exception):
-    """``--max-hours`` passed: the study stops before its next run."""
 
 
 class Converged:
@@ -108,7 +105,8 @@ class Converged:
         folder = self.out / "pretrain" / f"stages-{stages}_mask-{ratio}_steps-{steps}"
         if not (folder / "pretrain.json").is_file():
             self.check()
-        return run_pretraining(self.config, folder, self.data, steps, self.overrides(stages), ratio)
+        return run_pretraining(self.config, folder, self.data, steps, self.overrides(stages), ratio,
+                               self.deadline)  # fmt: skip
 
     def run_trials(self, batch: list[Trial]) -> list[float]:
         """Tuning runs (validation only, never scored on test) that do not depend on each other; returns
@@ -146,12 +144,14 @@ class Converged:
         """:func:`run_arm`'s arguments for ``trial``: the tuning labeled count and seed."""
         arm = trial.name.split("_")[0]
         config = self.config
-        return config, folder, arm, config.tune_labeled, config.tune_seed, self.cache, trial.spec
+        return (config, folder, arm, config.tune_labeled, config.tune_seed, self.cache, trial.spec, None,
+                self.deadline)  # fmt: skip
 
     def run_in_parallel(self, todo: list[tuple[Trial, Path]]) -> None:
         """Train ``todo`` in ``config.jobs`` worker processes (spawned, with this process's torch
         thread count); the runs' records land in their folders, where :meth:`run_trials` reads them. No
-        run starts after the deadline; a run's error is raised here."""
+        run starts after the deadline; a run's error, or :class:`Stopped` from a run the deadline paused,
+        is raised here."""
         context = multiprocessing.get_context("spawn")
         threads = torch.get_num_threads()
         with ProcessPoolExecutor(self.config.jobs, context, torch.set_num_threads, (threads,)) as pool:
@@ -160,8 +160,10 @@ class Converged:
                 if len(running) >= self.config.jobs:
                     done, running = wait(running, return_when=FIRST_COMPLETED)
                     for future in done:
-                        if future.exception() is not None:  # said now: the other runs finish first
-                            print(f"study: a tuning run failed: {future.exception()!r}", flush=True)
+                        error = future.exception()
+                        # A failure is said now (the other runs finish first); a paused run is not one.
+                        if error is not None and not isinstance(error, Stopped):
+                            print(f"study: a tuning run failed: {error!r}", flush=True)
                         future.result()
                 if self.deadline.passed():
                     break
@@ -352,7 +354,7 @@ def run_converged(
             folder = arm_folder(out, labeled, seed, arm)
             if not (folder / "result.json").is_file():
                 run.check()
-            rows.append(run_arm(config, folder, arm, labeled, seed, cache, specs[arm], external))
+            rows.append(run_arm(config, folder, arm, labeled, seed, cache, specs[arm], external, deadline))
         complete = True
     except Stopped:
         pass
