@@ -265,27 +265,43 @@ def test_tuning_runs_in_parallel_give_the_sequential_choices(phantom_cache, tmp_
 
 @pytest.mark.usefixtures("one_thread")
 def test_tuning_runs_in_workers_pause_at_the_deadline(phantom_cache, tmp_path, capsys):
-    """With ``jobs=2`` the deadline reaches the worker processes: three 400-step tuning runs, a deadline
-    2 s after the start (before any worker has imported torch): the two running ones pause at their
-    first checkpoint (step 100), unfinished, the third never starts, and the study stops (``Stopped``)
-    without calling a paused run a failure. Mutations caught: ``trial_args`` without the deadline (the
-    runs train their 400 steps); the ``Stopped`` exception in ``run_in_parallel`` reported as a
-    failed run."""
-    config = StudyConfig(data=str(phantom_cache), out=str(tmp_path), jobs=2, num_workers=0, val_every=50,
+    """With ``jobs=2`` the deadline reaches the worker processes. Three tuning runs, a deadline 2 s after
+    the start (before any worker has imported torch): the first (400 steps) pauses at its first
+    checkpoint (step 100), unfinished; the second fails at once (an unknown lr schedule); the third
+    never starts; the failure is said once and raised, not hidden behind the pause's ``Stopped``.
+    Mutations caught: ``trial_args`` without the deadline (the first run trains its 400 steps); a
+    pause reported as a failure (said twice); ``Stopped`` raised before the failure."""
+    config = StudyConfig(data=str(phantom_cache), out=str(tmp_path), jobs=2, num_workers=0, val_every=100,
                          max_val_cases=1, tune_labeled=1, model_overrides={"embed_dim": 8})  # fmt: skip
     deadline = study_module.Deadline(2 / 3600)
     run = study_converged.Converged(config, tmp_path, phantom_cache, phantom_cache, None, deadline)
     recipe = {"lr_schedule": "constant", "lr": 1e-3, "warmup_steps": 1, "model_overrides": {"embed_dim": 8}}
-    spec = study_module.ArmSpec(None, 400, recipe, evaluate_test=False)
-    trials = [study_converged.Trial("scratch_lr", f"scratch_{i}", spec, {}) for i in range(3)]
-    with pytest.raises(study_module.Stopped):
+    good = study_module.ArmSpec(None, 400, recipe, evaluate_test=False)
+    bad = replace(good, recipe={**recipe, "lr_schedule": "bogus"})
+    trials = [study_converged.Trial("scratch_lr", name, spec, {})
+              for name, spec in (("paused", good), ("failed", bad), ("never", good))]  # fmt: skip
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
         run.run_trials(trials)
-    assert "failed" not in capsys.readouterr().out
-    for name in ("scratch_0", "scratch_1"):
-        folder = tmp_path / "tuning" / name
-        assert not (folder / "result.json").exists()
-        assert [p.name for p in sorted((folder / "checkpoints").glob("step-*"))] == ["step-0000100"]
-    assert not (tmp_path / "tuning" / "scratch_2").exists()
+    assert capsys.readouterr().out.count("a tuning run failed") == 1
+    paused = tmp_path / "tuning" / "paused"
+    assert not (paused / "result.json").exists()
+    assert [p.name for p in sorted((paused / "checkpoints").glob("step-*"))] == ["step-0000100"]
+    assert not (tmp_path / "tuning" / "never").exists()
+
+
+def test_a_half_written_log_row_is_left_out(tmp_path):
+    """A run killed (or a log read) while a row is being appended leaves a last line without its
+    newline, here the elapsed time cut from 4.5 to 4: readers take the complete rows only, and a run
+    resumed at step 3 rewrites its log without it. Mutation caught: ``complete_rows`` keeping the last
+    line (step 3 with the cut time read and kept)."""
+    from maeformer_fast.train.runtime import CsvLog, complete_rows
+
+    header = "step,loss,lr,val_dice,elapsed_s\r\n"
+    log = tmp_path / "finetune_log.csv"
+    log.write_text(header + "1,2.0,0,,1.0\r\n2,1.5,0,0.3000,2.0\r\n3,1.2,0,,4")
+    assert [row["step"] for row in complete_rows(log)] == ["1", "2"]
+    CsvLog(log, header.strip().split(","), resume_step=3)
+    assert log.read_bytes() == (header + "1,2.0,0,,1.0\r\n2,1.5,0,0.3000,2.0\r\n").encode()
 
 
 def write_csv(path, header: str, *rows: str) -> None:

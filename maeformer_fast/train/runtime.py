@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import math
 import os
 from collections.abc import Iterator
@@ -157,23 +158,33 @@ def read_on_host(values: torch.Tensor) -> list[float]:
     return values.tolist()
 
 
+def complete_rows(path: Path) -> list[dict[str, str]]:
+    """The rows of a CSV log that a run may be writing (or was killed writing), without a last line
+    that has no newline yet: a half-written row."""
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    return list(csv.DictReader(lines))
+
+
 class CsvLog:
-    """Appends rows to a CSV file, writing the header once; survives resumed runs (truncates rows
-    after ``resume_step`` so a resumed run does not duplicate the steps it repeats)."""
+    """Appends rows to a CSV file, writing the header once; survives resumed runs (keeps the complete
+    rows up to ``resume_step``, rewritten atomically, so a resumed run does not duplicate the steps it
+    repeats and a kill during the rewrite loses nothing)."""
 
     def __init__(self, path: Path, fields: list[str], resume_step: int | None = None) -> None:
+        from ..data.io import atomic_write_text  # here: the data package imports this module
+
         self.path = path
         self.fields = fields
-        if resume_step is None or not path.exists():
-            with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(fields)
-        else:
-            with open(path, newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
-            with open(path, "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fields)
-                writer.writeheader()
-                writer.writerows(rows)
+        rows = []
+        if resume_step is not None and path.exists():
+            rows = [r for r in complete_rows(path) if int(r["step"]) <= resume_step]
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, text.getvalue())
 
     def write(self, **row: object) -> None:
         with open(self.path, "a", newline="") as handle:

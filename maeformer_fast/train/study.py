@@ -174,7 +174,7 @@ def run_pretraining(config: StudyConfig, folder: Path, data: Path, steps: int, o
         preview_every=max(1, steps // 4),
     ), pause=deadline and deadline.passed)  # fmt: skip
     if result.paused:
-        raise Stopped(f"{folder} paused at its last checkpoint")
+        raise Stopped(f"{folder}: paused at its last checkpoint")
     record = {
         "encoder_path": str(result.encoder_path),
         "steps": result.steps,
@@ -274,7 +274,7 @@ def run_arm(config: StudyConfig, folder: Path, arm: str, labeled: int | None, se
         "model_overrides": config.model_overrides, "evaluate_test": spec.evaluate_test, **spec.recipe,
     }), stop=spec.stop, pause=deadline and deadline.passed)  # fmt: skip
     if result.paused:
-        raise Stopped(f"{folder} paused at step {result.curve[-1][0] if result.curve else 0}")
+        raise Stopped(f"{folder}: paused at its last checkpoint")
     row = {
         "arm": arm,
         "labeled": len(result.splits["train"]),
@@ -335,18 +335,18 @@ def study(config: StudyConfig) -> StudyResult:
     pretrained: dict = {}
     try:
         if "mae" in arms:
+            deadline.check(out / "pretrain" / "pretrain.json")
             pretrained = run_pretraining(config, out / "pretrain", data, config.pretrain_steps,
                                          config.model_overrides, deadline=deadline)  # fmt: skip
         # Seeds outermost: a study stopped early still holds complete, paired (arm x count) seeds.
         for seed, labeled, arm in arm_order(config.seeds, counts, arms):
             folder = arm_folder(out, labeled, seed, arm)
-            if not (folder / "result.json").is_file() and deadline.passed():
-                break
+            deadline.check(folder / "result.json")
             steps = config.finetune_steps + (config.pretrain_steps if arm == "scratch_matched" else 0)
             spec = ArmSpec(pretrained.get("encoder_path") if arm == "mae" else None, steps)
             rows.append(run_arm(config, folder, arm, labeled, seed, cache, spec, external, deadline))
-    except Stopped:
-        pass
+    except Stopped as stop:
+        print(f"study: stopped: {stop}", flush=True)
     files = write_outputs(rows, pretrained, config, arms, Path(config.report_dir or out)) if rows else {}
     complete = len(rows) == config.seeds * len(counts) * len(arms)
     return StudyResult(rows, pretrained, files, time.perf_counter() - started, complete)
@@ -366,6 +366,12 @@ class Deadline:
         print("study: --max-hours reached: no new run starts, a run in progress stops at its next "
               "checkpoint (rerun to continue)", flush=True)  # fmt: skip
         return True
+
+    def check(self, record: Path) -> None:
+        """Raise :class:`Stopped` if the deadline has passed and the run whose finished record is
+        ``record`` has not finished: no new run starts (a paused one resumes in the next chunk)."""
+        if not record.is_file() and self.passed():
+            raise Stopped(f"{record.parent}: not started in this chunk")
 
 
 class Stopped(Exception):

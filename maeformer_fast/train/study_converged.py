@@ -94,17 +94,12 @@ class Converged:
         self.short_steps = max(1, round(config.pretrain_steps * config.short_fraction))
         self.trials: list[dict] = []
 
-    def check(self) -> None:
-        if self.deadline.passed():
-            raise Stopped
-
     def overrides(self, stages: int) -> dict:
         return {**encoder_overrides(self.config.model, stages), **self.config.model_overrides}
 
     def pretrain(self, stages: int, ratio: float, steps: int) -> dict:
         folder = self.out / "pretrain" / f"stages-{stages}_mask-{ratio}_steps-{steps}"
-        if not (folder / "pretrain.json").is_file():
-            self.check()
+        self.deadline.check(folder / "pretrain.json")
         return run_pretraining(self.config, folder, self.data, steps, self.overrides(stages), ratio,
                                self.deadline)  # fmt: skip
 
@@ -118,8 +113,7 @@ class Converged:
             self.run_in_parallel(todo)
         scores = []
         for trial, folder in zip(batch, folders):
-            if not (folder / "result.json").is_file():
-                self.check()
+            self.deadline.check(folder / "result.json")
             row = self.run_trial(trial, folder)
             self.trials.append(
                 {
@@ -150,26 +144,31 @@ class Converged:
     def run_in_parallel(self, todo: list[tuple[Trial, Path]]) -> None:
         """Train ``todo`` in ``config.jobs`` worker processes (spawned, with this process's torch
         thread count); the runs' records land in their folders, where :meth:`run_trials` reads them. No
-        run starts after the deadline; a run's error, or :class:`Stopped` from a run the deadline paused,
-        is raised here."""
+        run starts after the deadline or once a run has failed or paused; the others finish (or pause)
+        first. Then a run's error is raised here, before :class:`Stopped` from a run the deadline paused."""
         context = multiprocessing.get_context("spawn")
         threads = torch.get_num_threads()
+        futures: list[Future] = []
         with ProcessPoolExecutor(self.config.jobs, context, torch.set_num_threads, (threads,)) as pool:
-            running: set[Future] = set()
             for trial, folder in todo:
+                running = [f for f in futures if not f.done()]
                 if len(running) >= self.config.jobs:
-                    done, running = wait(running, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        error = future.exception()
-                        # A failure is said now (the other runs finish first); a paused run is not one.
-                        if error is not None and not isinstance(error, Stopped):
-                            print(f"study: a tuning run failed: {error!r}", flush=True)
-                        future.result()
-                if self.deadline.passed():
+                    wait(running, return_when=FIRST_COMPLETED)
+                if any(f.done() and f.exception() is not None for f in futures) or self.deadline.passed():
                     break
-                running.add(pool.submit(run_arm, *self.trial_args(trial, folder)))
-            for future in running:
-                future.result()
+                futures.append(pool.submit(run_arm, *self.trial_args(trial, folder)))
+                futures[-1].add_done_callback(say_failure)
+        errors = [f.exception() for f in futures if f.exception() is not None]
+        failures = [e for e in errors if not isinstance(e, Stopped)]
+        if failures or errors:
+            raise (failures or errors)[0]
+
+
+def say_failure(future: Future) -> None:
+    """Print a tuning run's error as soon as it ends (the other runs go on first); a pause is none."""
+    error = future.exception()
+    if error is not None and not isinstance(error, Stopped):
+        print(f"study: a tuning run failed: {error!r}", flush=True)
 
 
 class Trial(NamedTuple):
@@ -352,12 +351,11 @@ def run_converged(
         }
         for seed, labeled, arm in arm_order(config.seeds, counts, list(CONVERGED_ARMS)):
             folder = arm_folder(out, labeled, seed, arm)
-            if not (folder / "result.json").is_file():
-                run.check()
+            deadline.check(folder / "result.json")
             rows.append(run_arm(config, folder, arm, labeled, seed, cache, specs[arm], external, deadline))
         complete = True
-    except Stopped:
-        pass
+    except Stopped as stop:
+        print(f"study: stopped: {stop}", flush=True)
     rows, pretrained, files = converged_outputs(config, out, rows) if rows else ([], {}, {})
     return StudyResult(rows, pretrained, files, time.perf_counter() - started, complete)
 

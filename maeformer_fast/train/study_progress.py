@@ -8,7 +8,6 @@ written before any arm has finished, between chunks or while a chunk trains."""
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from ..data.io import atomic_write_text
+from .runtime import complete_rows
 
 
 class RunState(NamedTuple):
@@ -35,10 +35,7 @@ class RunState(NamedTuple):
 
 
 def _log_rows(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    return complete_rows(path) if path.is_file() else []
 
 
 def _max_steps(folder: Path, config_file: str) -> int:
