@@ -3,8 +3,9 @@
 #   OMP_NUM_THREADS=1 NUM_WORKERS=0 JOBS=2 HOURS=2.5 bash results/hippocampus_study_converged/run.sh
 # Rerun the whole script to resume: every finished pretraining, tuning run and arm is kept (its
 # pretrain.json / result.json), an interrupted one continues from its last checkpoint, and each call
-# starts no new run after HOURS hours (default 1.8), so the study runs in chunks of about two hours.
-# Commit results/hippocampus_study_converged/ after each chunk.
+# stops after HOURS hours (default 1.8): no new run starts and a run in progress pauses at its next
+# checkpoint (<= 500 steps), so the study runs in chunks of about two hours. Commit
+# results/hippocampus_study_converged/ after each chunk (snapshot.sh copies the records there).
 #
 # The study runs the library as it was at its first chunk: that chunk copies the committed package
 # into $OUT/code (its commit in $OUT/code/COMMIT) and every chunk imports it from there, so later work
