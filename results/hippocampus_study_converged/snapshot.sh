@@ -24,6 +24,9 @@ if [ -d "$OUT/superseded" ]; then
         cp "$OUT/$file" "$DEST/$file"
     done
 fi
-# progress.md and the tuning and pretraining plots (and, once an arm has finished, the report so far).
-maeformer study --data "${DATA:-../shared/data/Task04_Hippocampus}" --out "$OUT" --report-only --report-dir "$DEST"
+# progress.md with the tuning and pretraining plots (the report over the finished arms is run.sh's step 3).
+report=$(mktemp -d)
+maeformer study --data "${DATA:-../shared/data/Task04_Hippocampus}" --out "$OUT" --report-only --report-dir "$report"
+cp "$report"/progress.md "$report"/tuning_val_dice.png "$report"/pretrain_loss.png "$DEST"/
+rm -r "$report"
 echo "copied the study's records from $OUT to $DEST"
