@@ -13,15 +13,17 @@ from maeformer_fast.train.study import StudyConfig, checkpoint_every, parse_labe
 
 
 def test_parse_labeled_and_steps_to_fraction():
+    """Catches a collapsed run counted as converging at once (tried: no check of a target <= 0) and
+    an unreached target raising (tried: ``next`` without a default: StopIteration)."""
     assert parse_labeled("4, 16,all") == [4, 16, None]
     assert steps_to_fraction([(10, 0.2), (20, 0.58), (30, 0.6), (40, 0.5)]) == 20
     assert steps_to_fraction([]) is None
-    assert steps_to_fraction([(10, 0.5), (20, 0.9), (30, 0.52)]) == 10  # of the final Dice, not the best
-    # Final Dice as the mean of the last 3 validations: (0.8 + 0.7 + 0.9) / 3 = 0.8, 95% of it 0.76;
-    # the first step at or above that is 40 (the last point alone, 0.9 -> 0.855, would give 60).
-    plateau = [(10, 0.3), (20, 0.7), (30, 0.75), (40, 0.8), (50, 0.7), (60, 0.9)]
-    assert steps_to_fraction(plateau, window=3) == 40
-    assert steps_to_fraction(plateau) == 60
+    assert steps_to_fraction([(10, 0.5), (20, 0.9), (30, 0.52)]) == 10  # of the last Dice by default
+    # Against a given target (the converged protocol: the best Dice, 0.9 -> 0.855): step 20, not 10.
+    assert steps_to_fraction([(10, 0.5), (20, 0.9), (30, 0.52)], target=0.9) == 20
+    # A target the curve never reaches, and a collapsed run (target 0, every point "reaches" it).
+    assert steps_to_fraction([(10, 0.5), (20, 0.6)], target=0.8) is None
+    assert steps_to_fraction([(10, 0.0), (20, 0.0)]) is None
     # a quarter of the maximum, at most 500 steps (a 24,000-step scratch maximum: 500, not 6,000)
     assert [checkpoint_every(n) for n in (24_000, 4_000, 200, 3)] == [500, 500, 50, 1]
 

@@ -18,7 +18,7 @@ from maeformer_fast.train import study as study_module
 from maeformer_fast.train import study_converged
 from maeformer_fast.train.finetune import FinetuneConfig, finetune
 from maeformer_fast.train.study import StudyConfig, study
-from maeformer_fast.train.study_converged import with_compute
+from maeformer_fast.train.study_converged import with_compute, with_convergence
 from maeformer_fast.train.study_protocol import (
     matched_steps,
     plateaued,
@@ -58,7 +58,7 @@ def test_flop_matched_budget_arithmetic():
     # A pretraining step dearer than a fine-tuning step: 400 x 30 / 10 = 1,200 fine-tuning steps.
     assert scratch_max_steps(1000, 400, 30 * 10**9, 10 * 10**9) == 1000 + 1200
     assert scratch_max_steps(1000, 1, 25, 10) == 1000 + 3  # part of a step is a whole step more
-    assert matched_steps(55e9, 10 * 10**9) == 5
+    assert matched_steps(55 * 10**9, 10 * 10**9) == 5
     # MAE: 400 pretraining steps (2 GFLOPs, 100 s) + 300 fine-tuning steps (10 GFLOPs, 10 s):
     # 700 steps, 800 + 3000 = 3800 GFLOPs = 380 fine-tuning steps' worth, 110 s.
     flops = {"pretrain_step": 2 * 10**9, "finetune_step": 10 * 10**9}
@@ -78,8 +78,43 @@ def test_flop_matched_budget_arithmetic():
     mae, scratch = with_compute(rows, pretrained, flops)
     assert (mae["total_steps"], mae["total_gflops"], mae["total_wall_s"]) == (700, 3800.0, 110.0)
     assert (scratch["total_steps"], scratch["total_gflops"], scratch["total_wall_s"]) == (900, 9000.0, 30.0)
+    assert (scratch["scratch_budget_mae_steps"], scratch["scratch_budget_mae_flops"]) == (700, 380)
     assert scratch["scratch_val_within_mae_steps"] == 0.8
     assert scratch["scratch_val_within_mae_flops"] == 0.7
+
+
+def test_flop_budget_of_an_exact_number_of_steps_is_not_rounded_away():
+    """Catches the FLOP budget priced through float GFLOPs (tried: ``matched_steps(total_gflops * 1e9,
+    ...)`` with ``math.floor``: 5,269 steps). A pretraining step costing a tenth of a fine-tuning step
+    of 1,649,976,180 FLOPs: 400 of them + 5,230 fine-tuning steps = exactly 5,270 fine-tuning steps."""
+    flops = {"pretrain_step": 164_997_618, "finetune_step": 1_649_976_180}
+    rows = [
+        {"arm": "mae", "labeled": 2, "seed": 0, "steps": 5230, "wall_time_s": 1.0, "curve": []},
+        {"arm": "scratch", "labeled": 2, "seed": 0, "steps": 9000, "wall_time_s": 1.0, "curve": []},
+    ]
+    _, scratch = with_compute(rows, {"mae": {"steps": 400, "wall_time_s": 1.0}}, flops)
+    assert scratch["scratch_budget_mae_flops"] == 5270
+
+
+def test_convergence_is_measured_against_the_best_and_scratchs_best():
+    """Catches steps to 95% taken against the plateau's mean (tried: the mean of the last three
+    validations as the target: scratch, peaking at 0.80 and sliding to 0.60, then "converges" at step
+    100) and a common target from another seed's scratch arm (tried: keying scratch by labeled count
+    only: seed 1's MAE then gets seed 0's target)."""
+    rows = [
+        {"arm": "scratch", "labeled": 2, "seed": 0, "best_val_dice": 0.80,
+         "curve": curve(0.60, 0.70, 0.80, 0.65, 0.60, 0.60)},
+        {"arm": "mae", "labeled": 2, "seed": 0, "best_val_dice": 0.90,
+         "curve": curve(0.70, 0.77, 0.86, 0.90)},
+        {"arm": "scratch", "labeled": 2, "seed": 1, "best_val_dice": 0.70, "curve": curve(0.50, 0.70)},
+        {"arm": "mae", "labeled": 2, "seed": 1, "best_val_dice": 0.75, "curve": curve(0.60, 0.75)},
+        {"arm": "mae", "labeled": 4, "seed": 0, "best_val_dice": 0.90, "curve": curve(0.90)},
+    ]  # fmt: skip
+    scratch0, mae0, scratch1, mae1, alone = with_convergence(rows)
+    assert scratch0["steps_to_95"] == 300  # 0.95 * 0.80 = 0.76: only the peak at step 300 reaches it
+    assert (mae0["steps_to_95"], mae0["steps_to_scratch_95"]) == (300, 200)  # 0.855; 0.76
+    assert (scratch1["steps_to_95"], mae1["steps_to_scratch_95"]) == (200, 200)  # 0.665 (seed 1's own)
+    assert alone["steps_to_scratch_95"] is None  # no scratch arm for that seed yet
 
 
 def test_counted_step_flops_follow_the_visible_share():
@@ -104,6 +139,11 @@ def test_bootstrap_interval_against_hand_worked_and_enumerated_cases():
     (effect,) = paired_effects(rows, "mae", "scratch")
     assert effect["mean_diff"] == pytest.approx(0.04 / 3)
     assert (effect["ci_low"], effect["ci_high"]) == pytest.approx((-0.02, 0.05))
+    # t interval: mean +- t(0.975, 2 df) * s / sqrt(3); s = sqrt(0.0012667 / 2) by hand, t = 4.3027 (table)
+    half = 4.3027 * np.sqrt(
+        ((0.01 - 0.04 / 3) ** 2 + (0.05 - 0.04 / 3) ** 2 + (0.02 + 0.04 / 3) ** 2) / 2 / 3
+    )
+    assert (effect["t_low"], effect["t_high"]) == pytest.approx((0.04 / 3 - half, 0.04 / 3 + half), abs=1e-5)
 
     diffs = np.array([0.03, -0.01, 0.08, 0.02, 0.00])
     rows = [{"arm": "mae", "labeled": 4, "seed": s, "test_dice_mean": 0.7 + d} for s, d in enumerate(diffs)]
@@ -112,6 +152,26 @@ def test_bootstrap_interval_against_hand_worked_and_enumerated_cases():
     means = [diffs[list(i)].mean() for i in itertools.product(range(5), repeat=5)]
     exact = np.percentile(means, [2.5, 97.5], method="inverted_cdf")
     assert (effect["ci_low"], effect["ci_high"]) == pytest.approx(tuple(exact), abs=0.004)
+
+
+def test_paired_effects_of_one_seed_and_of_step_counts():
+    """Catches an interval claimed from one difference (tried: bootstrapping a single seed: [d, d])
+    and fewer steps counted as worse (tried: ignoring ``LOWER_IS_BETTER``: 1 seed better, 2 worse)."""
+    rows = [
+        {"arm": arm, "labeled": 1, "seed": 0, "test_dice_mean": v}
+        for arm, v in (("mae", 0.8), ("scratch", 0.7))
+    ]
+    (effect,) = paired_effects(rows, "mae", "scratch")
+    assert effect["mean_diff"] == pytest.approx(0.1) and effect["n_seeds"] == 1
+    assert [effect[k] for k in ("ci_low", "ci_high", "t_low", "t_high", "t_p")] == [None] * 5
+    steps = {"mae": [300, 400, 500, 900], "scratch": [400, 600, 500, 600]}  # mae: -100, -200, 0, +300
+    rows = [
+        {"arm": arm, "labeled": 2, "seed": s, "steps_to_95": v}
+        for arm, vs in steps.items()
+        for s, v in enumerate(vs)
+    ]
+    (effect,) = paired_effects(rows, "mae", "scratch", "steps_to_95")
+    assert (effect["wins"], effect["ties"], effect["losses"]) == (2, 1, 1)
 
 
 def test_finetune_stop_rule_and_encoder_freezing(phantom_cache, tmp_path):
@@ -200,7 +260,8 @@ def test_converged_study_chunks_resume_and_external_test(phantom_cache, tmp_path
     printed = capsys.readouterr().out
     assert result.complete and [r["arm"] for r in result.rows] == ["mae", "mae_short", "scratch"]
     assert printed.count(" ...\n") == 1 and "seed-0/scratch ..." in printed  # only the cut arm ran
-    assert result.rows[:2] == first.rows
+    # the MAE arms' records are kept; only their convergence against scratch's best is new
+    assert [{**r, "steps_to_scratch_95": None} for r in result.rows[:2]] == first.rows
 
     out = tmp_path / "study"
     choices = json.loads((out / "choices.json").read_text())
@@ -226,6 +287,9 @@ def test_converged_study_chunks_resume_and_external_test(phantom_cache, tmp_path
         assert result.files[name].is_file()
     report = result.files["report"].read_text()
     assert "mae_short - scratch" in report and "ext_test_dice_mean" in report
+    assert "How much this supports: at most 1 seed" in report  # (tried: the paragraph left out)
+    # strict JSON: no NaN where a one-seed comparison has no interval (tried: NaN for a missing p)
+    json.loads(result.files["effects"].read_text(), parse_constant=pytest.fail)
 
 
 @pytest.mark.usefixtures("one_thread")

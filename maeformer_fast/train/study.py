@@ -125,21 +125,26 @@ def parse_arms(text: str) -> list[str]:
     return arms
 
 
-def steps_to_fraction(curve: list[tuple[int, float]], fraction: float = 0.95, window: int = 1) -> int | None:
-    """First validation step whose Dice reaches ``fraction`` of the curve's final Dice (None if no
-    curve): how fast an arm gets near where it ends. The final Dice is the mean of the last ``window``
-    validations (a run stopped by the plateau rule: its plateau, not one noisy point)."""
+def steps_to_fraction(
+    curve: list[tuple[int, float]], fraction: float = 0.95, target: float | None = None
+) -> int | None:
+    """First validation step whose Dice reaches ``fraction`` of ``target`` (default: the curve's last
+    Dice): how fast an arm gets near where it ends. None if there is no curve, the target is not
+    positive (a collapsed run must not look fast) or the curve never reaches it."""
     if not curve:
         return None
-    tail = curve[-window:]
-    final = sum(dice for _, dice in tail) / len(tail)
-    return next(step for step, dice in curve if dice >= fraction * final)
+    target = curve[-1][1] if target is None else target
+    if target <= 0:
+        return None
+    return next((step for step, dice in curve if dice >= fraction * target), None)
 
 
-def final_window(config: StudyConfig) -> int:
-    """Validations averaged into an arm's final Dice: the plateau rule's window in the converged
-    protocol, the last validation in the fixed one."""
-    return config.plateau_patience if config.protocol == "converged" else 1
+def convergence_target(config: StudyConfig, best_val_dice: float) -> float | None:
+    """The Dice an arm's ``steps_to_95`` is measured against: the fixed protocol's last validation
+    (None), the converged protocol's best one -- the checkpoint it is scored at. (The mean of the
+    plateau's validations would sit below the peak of a run that declines after it, and such a run
+    would look fast.)"""
+    return best_val_dice if config.protocol == "converged" else None
 
 
 def pretraining_view(cache: Path, exclude: set[str], view: Path) -> Path:
@@ -285,7 +290,9 @@ def run_arm(config: StudyConfig, folder: Path, arm: str, labeled: int | None, se
         **{f"test_hd95_{k}": v for k, v in (result.test_hd95 or {}).items()},
         "best_val_dice": result.best_val_dice,
         "best_step": result.best_step,
-        "steps_to_95": steps_to_fraction(result.curve, window=final_window(config)),
+        "steps_to_95": steps_to_fraction(
+            result.curve, target=convergence_target(config, result.best_val_dice)
+        ),
         # The whole run's clock (resumed parts included): training, validations and the test scoring.
         "wall_time_s": result.wall_time_s,
         "curve": [list(point) for point in result.curve],

@@ -38,6 +38,7 @@ import functools
 import json
 import multiprocessing
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -59,6 +60,7 @@ from .study import (
     parse_list,
     run_arm,
     run_pretraining,
+    steps_to_fraction,
 )
 from .study_progress import plot_runs, pretrain_state
 from .study_protocol import (
@@ -70,10 +72,10 @@ from .study_protocol import (
     scratch_max_steps,
     step_flops,
 )
-from .study_report import arm_summary, write_outputs
+from .study_report import arm_summary, cell, effects_table, how_much_this_supports, write_outputs
 
 COMPARISONS = (("mae", "scratch"), ("mae_short", "scratch"), ("mae", "mae_short"))
-METRICS = ("test_dice_mean", "ext_test_dice_mean")
+METRICS = ("test_dice_mean", "ext_test_dice_mean", "steps_to_95", "steps_to_scratch_95")
 
 
 class Converged:
@@ -360,20 +362,45 @@ def run_converged(
     return StudyResult(rows, pretrained, files, time.perf_counter() - started, complete)
 
 
+def with_convergence(rows: list[dict]) -> list[dict]:
+    """Rows with their fine-tuning convergence, derived from each validation curve: ``steps_to_95``,
+    the first step at 95% of the arm's own best validation Dice (the checkpoint it is scored at), and
+    ``steps_to_scratch_95``, the first step at 95% of the same seed's scratch arm's best -- one target
+    for every arm of a seed (None where that seed has no scratch arm yet or the curve never gets
+    there). Derived here rather than read from the records, which the study's first arms wrote
+    against the mean of the plateau's validations."""
+    scratch = {(r["labeled"], r["seed"]): r["best_val_dice"] for r in rows if r["arm"] == "scratch"}
+    out = []
+    for row in rows:
+        target = scratch.get((row["labeled"], row["seed"]))
+        out.append(
+            {
+                **row,
+                "steps_to_95": steps_to_fraction(row["curve"], target=row["best_val_dice"]),
+                "steps_to_scratch_95": None
+                if target is None
+                else steps_to_fraction(row["curve"], target=target),
+            }
+        )
+    return out
+
+
 def with_compute(rows: list[dict], pretrained: dict, flops: dict) -> list[dict]:
     """Rows with each arm's compute in three currencies, pretraining included: optimizer steps,
-    counted GFLOPs and wall-clock seconds; and, for scratch, its best validation Dice within each MAE
-    arm's total in steps and in FLOPs (``scratch_val_within_<arm>_steps`` / ``_flops``)."""
+    counted FLOPs (``total_flops``, ``total_gflops``) and wall-clock seconds; and, for scratch, each MAE
+    arm's budget (``scratch_budget_<arm>_steps``: its total steps; ``_flops``: the fine-tuning steps
+    its total FLOPs buy) with scratch's best validation Dice within it (``scratch_val_within_<arm>_...``)."""
     out = []
     for row in rows:
         pre = pretrained.get(row["arm"], {"steps": 0, "wall_time_s": 0.0})
-        pre_flops = pre["steps"] * flops["pretrain_step"]
+        total_flops = pre["steps"] * flops["pretrain_step"] + row["steps"] * flops["finetune_step"]
         out.append(
             {
                 **row,
                 "pretrain_steps": pre["steps"],
                 "total_steps": pre["steps"] + row["steps"],
-                "total_gflops": (pre_flops + row["steps"] * flops["finetune_step"]) / 1e9,
+                "total_flops": total_flops,
+                "total_gflops": total_flops / 1e9,
                 "total_wall_s": pre["wall_time_s"] + row["wall_time_s"],
             }
         )
@@ -383,10 +410,15 @@ def with_compute(rows: list[dict], pretrained: dict, flops: dict) -> list[dict]:
             continue
         for arm in ("mae", "mae_short"):
             mae = by_key.get((arm, row["labeled"], row["seed"]))
-            if mae is not None:
-                row[f"scratch_val_within_{arm}_steps"] = best_within(row["curve"], mae["total_steps"])
-                budget = matched_steps(mae["total_gflops"] * 1e9, flops["finetune_step"])
-                row[f"scratch_val_within_{arm}_flops"] = best_within(row["curve"], budget)
+            if mae is None:
+                continue
+            budgets = {
+                "steps": mae["total_steps"],
+                "flops": matched_steps(mae["total_flops"], flops["finetune_step"]),
+            }
+            for currency, budget in budgets.items():
+                row[f"scratch_budget_{arm}_{currency}"] = budget
+                row[f"scratch_val_within_{arm}_{currency}"] = best_within(row["curve"], budget)
     return out
 
 
@@ -403,7 +435,7 @@ def converged_outputs(
         "mae": records[f"{folder}_steps-{config.pretrain_steps}"],
         "mae_short": records[f"{folder}_steps-{choices['short_steps']}"],
     }
-    rows = with_compute(rows, pretrained, flops)
+    rows = with_compute(with_convergence(rows), pretrained, flops)
     trials = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").is_file() else []
     context = {"choices": choices, "flops": flops, "pretraining": records, "tuning": trials}
     report_dir = Path(config.report_dir or out)
@@ -416,13 +448,6 @@ def converged_outputs(
     files["record"] = report_dir / "study_record.json"  # choices, FLOPs, pretraining runs, tuning trials
     atomic_write_text(files["record"], json.dumps(context, indent=2))
     return rows, pretrained, files
-
-
-def _cell(pair: tuple[float, float], digits: int = 3) -> str:
-    mean, std = pair
-    if mean != mean:  # nan: no value
-        return "n/a"
-    return f"{mean:.{digits}f}" if std != std else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def converged_report(
@@ -439,7 +464,9 @@ def converged_report(
         f"validation Dice has plateaued (no gain above {config.plateau_min_delta} over the last "
         f"{config.plateau_patience} validations, every {config.val_every} steps, not before step "
         f"{config.plateau_min_steps}) or its maximum (MAE arms {config.finetune_max_steps}, scratch "
-        f"{choices['scratch_max_steps']}), scored at its best-validation checkpoint.",
+        f"{choices['scratch_max_steps']}), scored at its best-validation checkpoint. Validation on "
+        f"{rows[0]['val_cases']} fixed cases, test on {rows[0]['test_cases']} (split seed "
+        f"{config.split_seed}).",
         "",
         "## Choices (validation Dice only)",
         "",
@@ -456,7 +483,10 @@ def converged_report(
         "## Pretraining (non-test images; curves: `pretrain_loss.png`)",
         "",
         "Flattened = the mean loss over the last tenth of the steps is within "
-        f"{config.flatten_tolerance:.1%} of the mean over the tenth before.",
+        f"{config.flatten_tolerance:.1%} of the mean over the tenth before. Pretraining's cosine schedule "
+        "brings the learning rate near zero over those tenths, so every run, short ones included, ends "
+        "flat: the column says the run ended flat, not that more steps would not have lowered the loss; "
+        "the short budget's arms measure what the budget changes downstream.",
         "",
         "| run | steps | final loss | relative drop, last tenth | flattened | wall (s) | machine |",
         "|---|---|---|---|---|---|---|",
@@ -474,6 +504,7 @@ def converged_report(
             f"| {name} | {r['steps']} | {r['final_loss']:.4f} | {drop:.4f} | {flat} | "
             f"{r['wall_time_s']:.0f} | {r.get('machine', '?')} |"
         )
+    reached = Counter((r["labeled"], r["arm"]) for r in rows if r["steps_to_scratch_95"] is not None)
     lines += [
         "",
         f"Counted FLOPs per step ({flops['counted_on']}, batch {flops['batch_size']}): sparse pretraining "
@@ -481,47 +512,71 @@ def converged_report(
         "",
         "## Arms (mean ± std over seeds)",
         "",
+        "Convergence, in fine-tuning steps (pretraining not included): the first validation at 95% of "
+        "the arm's own best validation Dice, and at 95% of the same seed's scratch arm's best (one target "
+        "for every arm of a seed; mean over the seeds that reached it, how many did in brackets).",
+        "",
         "| labeled | arm | seeds | test Dice | external test Dice | best val Dice | best step | steps run "
-        "| steps to 95% | total steps | total GFLOPs | total wall (s) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| steps to 95% of own best | steps to 95% of scratch's best | total steps | total GFLOPs "
+        "| total wall (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in arm_summary(rows):
         lines.append(
-            f"| {s['labeled']} | {s['arm']} | {s['n_seeds']} | {_cell(s['test_dice_mean'])} | "
-            f"{_cell(s['ext_test_dice_mean'])} | {_cell(s['best_val_dice'])} | {_cell(s['best_step'], 0)} | "
-            f"{_cell(s['steps'], 0)} | {_cell(s['steps_to_95'], 0)} | {_cell(s['total_steps'], 0)} | "
-            f"{_cell(s['total_gflops'], 1)} | {_cell(s['total_wall_s'], 0)} |"
+            f"| {s['labeled']} | {s['arm']} | {s['n_seeds']} | {cell(s['test_dice_mean'])} | "
+            f"{cell(s['ext_test_dice_mean'])} | {cell(s['best_val_dice'])} | {cell(s['best_step'], 0)} | "
+            f"{cell(s['steps'], 0)} | {cell(s['steps_to_95'], 0)} | {cell(s['steps_to_scratch_95'], 0)} "
+            f"({reached[(s['labeled'], s['arm'])]}/{s['n_seeds']}) | {cell(s['total_steps'], 0)} | "
+            f"{cell(s['total_gflops'], 1)} | {cell(s['total_wall_s'], 0)} |"
         )
     lines += [
         "",
-        "Totals include each arm's pretraining (steps, counted FLOPs, wall-clock on the machine in "
-        "results.csv); validation and test scoring are in the wall-clock, not in the FLOPs.",
+        "Totals include each arm's pretraining: steps, counted FLOPs and wall-clock on the machine (and "
+        "load) in results.csv. Every MAE fine-tuning step is counted as a whole dense step, the "
+        "frozen-encoder ones too (their skipped encoder backward is not subtracted: this favours "
+        "scratch). An MAE arm's wall-clock includes the whole one-off pretraining that every arm of its "
+        "budget shares: do not add totals across arms. Validation and test scoring are in the "
+        "wall-clock, not in the FLOPs.",
         "",
-        "## Paired differences (bootstrap 95% intervals over seeds)",
+        "## Paired differences over seeds",
         "",
-        "| metric | comparison | labeled | seeds | mean difference | 95% interval | seeds won |",
-        "|---|---|---|---|---|---|---|",
-        *(
-            f"| {e['metric']} | {e['comparison']} | {e['labeled']} | {e['n_seeds']} | "
-            f"{e['mean_diff']:+.4f} | [{e['ci_low']:+.4f}, {e['ci_high']:+.4f}] | "
-            f"{e['wins']}/{e['n_seeds']} |"
-            for e in effects
-        ),
+        "Paired by seed (same labeled subset, same validation and test cases); steps: lower is better.",
+        "",
+        *effects_table(effects, with_metric=True),
+        "",
+        how_much_this_supports(max((e["n_seeds"] for e in effects), default=0)),
         "",
         "## Scratch at the MAE arms' compute (validation Dice, from its curve)",
         "",
-        "| labeled | seed | scratch best val | within mae steps | within mae FLOPs | within mae_short "
-        "steps | within mae_short FLOPs |",
-        "|---|---|---|---|---|---|---|",
+        "Each MAE arm's total compute (pretraining + fine-tuning) as fine-tuning steps, counted in "
+        "optimizer steps and in FLOPs, and scratch's best validation Dice within it. Where scratch ran "
+        "fewer steps than a budget it had stopped on the plateau rule with more steps allowed (its "
+        f"maximum: {choices['scratch_max_steps']}), so its best within the budget is its overall best "
+        "and the paired test Dice above is already a comparison at matched compute, one that favours "
+        "scratch. The control is as strong as the plateau rule. Best validation Dice is a maximum over "
+        "noisy validations, which favours the arm validated more often.",
+        "",
+        "| labeled | seed | vs | budget (steps) | budget (FLOPs, as steps) | scratch ran | scratch best val "
+        "within steps | within FLOPs | the arm's best val |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    by_key = {(r["arm"], r["labeled"], r["seed"]): r for r in rows}
     for r in (r for r in rows if r["arm"] == "scratch"):
-        cells = [
-            r.get(f"scratch_val_within_{a}_{c}") for a in ("mae", "mae_short") for c in ("steps", "flops")
-        ]
-        lines.append(
-            f"| {r['labeled']} | {r['seed']} | {r['best_val_dice']:.4f} | "
-            + " | ".join("n/a" if v is None else f"{v:.4f}" for v in cells)
-            + " |"
-        )
-    lines += ["", "Plots: `test_dice_vs_labeled.png`, `val_dice_vs_step.png`, `pretrain_loss.png`.", ""]
+        for arm in ("mae", "mae_short"):
+            mae = by_key.get((arm, r["labeled"], r["seed"]))
+            if mae is None:
+                continue
+            within = [r[f"scratch_val_within_{arm}_{c}"] for c in ("steps", "flops")]
+            lines.append(
+                f"| {r['labeled']} | {r['seed']} | {arm} | {r[f'scratch_budget_{arm}_steps']} | "
+                f"{r[f'scratch_budget_{arm}_flops']} | {r['steps']} | "
+                + " | ".join("n/a" if v is None else f"{v:.4f}" for v in within)
+                + f" | {mae['best_val_dice']:.4f} |"
+            )
+    lines += [
+        "",
+        "Plots: `test_dice_vs_labeled.png`; `val_dice_vs_step.png` (mean over seeds at the steps every "
+        "seed reached, so cut at the shortest run; band: the seeds' range); `pretrain_loss.png`.",
+        "",
+    ]
     return "\n".join(lines)

@@ -133,9 +133,10 @@ def scratch_max_steps(
     return finetune_max + max(pretrain_steps, in_flops)
 
 
-def matched_steps(flops: float, finetune_flops: int) -> int:
-    """Fine-tuning steps a FLOP budget buys (whole steps, rounded down)."""
-    return math.floor(flops / finetune_flops)
+def matched_steps(flops: int, finetune_flops: int) -> int:
+    """Fine-tuning steps a FLOP budget buys (whole steps, rounded down; integers, so a budget of an
+    exact number of steps is not lost to rounding)."""
+    return flops // finetune_flops
 
 
 def best_within(curve: list[tuple[int, float]], max_step: int) -> float | None:

@@ -16,38 +16,81 @@ from ..data.io import atomic_write_text
 
 TABLE_FIELDS = [
     "arm", "labeled", "seed", "steps", "test_dice_1", "test_dice_2", "test_dice_mean", "test_hd95_1",
-    "test_hd95_2", "test_hd95_mean", "best_val_dice", "best_step", "steps_to_95", "wall_time_s",
-    "ext_test_dice_1", "ext_test_dice_2", "ext_test_dice_mean", "max_steps", "pretrain_steps", "total_steps",
-    "total_gflops", "total_wall_s", "machine",
+    "test_hd95_2", "test_hd95_mean", "best_val_dice", "best_step", "steps_to_95", "steps_to_scratch_95",
+    "wall_time_s", "ext_test_dice_1", "ext_test_dice_2", "ext_test_dice_mean", "max_steps", "pretrain_steps",
+    "total_steps", "total_gflops", "total_wall_s", "machine",
 ]  # fmt: skip
 COMPARISONS = (("mae", "scratch"), ("mae", "scratch_matched"))
 
 
+LOWER_IS_BETTER = frozenset({"steps_to_95", "steps_to_scratch_95", "test_hd95_mean"})
+
+
 def paired_effects(rows: list[dict], a: str, b: str, metric: str = "test_dice_mean",
                    resamples: int = 10000, seed: int = 0) -> list[dict[str, Any]]:  # fmt: skip
-    """Per labeled count: mean of the paired differences ``a - b`` over seeds run by both arms, a
-    percentile bootstrap 95% interval of that mean, and the paired t-test p-value (two-sided)."""
+    """Per labeled count: mean of the paired differences ``a - b`` over seeds where both arms have
+    ``metric``, a percentile bootstrap 95% interval of that mean, the paired t-test's 95% interval and
+    two-sided p, and how many seeds ``a`` did better, equal or worse on (lower is better for
+    ``LOWER_IS_BETTER``). Intervals and p are None below 2 seeds (and p where the differences do not
+    vary): one difference has no spread to estimate."""
     from scipy import stats
 
-    by_key = {(r["arm"], r["labeled"], r["seed"]): r[metric] for r in rows if metric in r}
+    by_key = {(r["arm"], r["labeled"], r["seed"]): r[metric] for r in rows if _present(r.get(metric))}
     effects = []
     for labeled in sorted({r["labeled"] for r in rows}):
         seeds = sorted(s for (arm, k, s) in by_key if arm == a and k == labeled and (b, k, s) in by_key)
         if not seeds:
             continue
-        diffs = np.array([by_key[(a, labeled, s)] - by_key[(b, labeled, s)] for s in seeds])
-        rng = np.random.default_rng(seed)
-        boot = diffs[rng.integers(0, len(diffs), (resamples, len(diffs)))].mean(1)
-        p_value = float(stats.ttest_rel(
-            [by_key[(a, labeled, s)] for s in seeds], [by_key[(b, labeled, s)] for s in seeds]
-        ).pvalue) if len(seeds) > 1 and diffs.std() > 0 else float("nan")  # fmt: skip
-        effects.append({
+        diffs = np.array([by_key[(a, labeled, s)] - by_key[(b, labeled, s)] for s in seeds], dtype=float)
+        better = -diffs if metric in LOWER_IS_BETTER else diffs
+        effect: dict[str, Any] = {
             "comparison": f"{a} - {b}", "labeled": labeled, "n_seeds": len(seeds),
-            "mean_diff": float(diffs.mean()), "ci_low": float(np.percentile(boot, 2.5)),
-            "ci_high": float(np.percentile(boot, 97.5)), "t_p": p_value,
-            "wins": int((diffs > 0).sum()),
-        })  # fmt: skip
+            "mean_diff": float(diffs.mean()), "ci_low": None, "ci_high": None, "t_low": None,
+            "t_high": None, "t_p": None, "wins": int((better > 0).sum()), "ties": int((better == 0).sum()),
+            "losses": int((better < 0).sum()),
+        }  # fmt: skip
+        if len(seeds) > 1:
+            rng = np.random.default_rng(seed)
+            boot = diffs[rng.integers(0, len(diffs), (resamples, len(diffs)))].mean(1)
+            half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs))
+            effect.update(
+                ci_low=float(np.percentile(boot, 2.5)), ci_high=float(np.percentile(boot, 97.5)),
+                t_low=float(diffs.mean() - half), t_high=float(diffs.mean() + half),
+            )  # fmt: skip
+            if diffs.std() > 0:
+                effect["t_p"] = float(stats.ttest_1samp(diffs, 0.0).pvalue)
+        effects.append(effect)
     return effects
+
+
+def _present(value: Any) -> bool:
+    """Whether a table cell holds a number (not missing, None or NaN)."""
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def how_much_this_supports(n_seeds: int) -> str:
+    """What paired comparisons over ``n_seeds`` seeds can and cannot support, in numbers."""
+    if n_seeds < 2:
+        return (
+            f"How much this supports: at most {n_seeds} seed per comparison, so no interval and no "
+            "test: each difference is one draw of the labeled subset and initialisation, a record, not "
+            "a comparison."
+        )
+    from scipy import stats
+
+    distinct = math.comb(2 * n_seeds - 1, n_seeds)
+    boot, t_half = 1.96 * math.sqrt((n_seeds - 1) / n_seeds), stats.t.ppf(0.975, n_seeds - 1)
+    return (
+        f"How much this supports: at most {n_seeds} seeds per comparison. A percentile bootstrap over "
+        f"{n_seeds} differences has only {distinct} distinct resamples and spans about +-{boot:.2f} "
+        f"standard errors against the t interval's +-{t_half:.2f}: for normal differences it covers "
+        f"less than 95%, so the t interval is given beside it. An exact two-sided sign-flip or "
+        f"Wilcoxon test cannot go below p = {2 / 2**n_seeds:.4f} with {n_seeds} pairs (2 / 2^n). The "
+        "intervals cover the variation over seeds (labeled subset, initialisation, data order; with "
+        "all labeled cases only the last two) on one fixed test split: the sampling of the test cases "
+        "is not in them. The comparisons are not corrected for multiple testing. Read the "
+        "differences as effect estimates, not as general findings."
+    )
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -63,9 +106,9 @@ def arm_summary(rows: list[dict]) -> list[dict[str, Any]]:
     for (labeled, arm), group in sorted(groups.items()):
         entry: dict[str, Any] = {"labeled": labeled, "arm": arm, "n_seeds": len(group)}
         for key in ("test_dice_1", "test_dice_2", "test_dice_mean", "test_hd95_mean", "best_val_dice",
-                    "steps_to_95", "wall_time_s", "ext_test_dice_mean", "steps", "best_step", "total_steps",
-                    "total_gflops", "total_wall_s"):  # fmt: skip
-            values = [r[key] for r in group if r.get(key) is not None and not math.isnan(r[key])]
+                    "steps_to_95", "steps_to_scratch_95", "wall_time_s", "ext_test_dice_mean", "steps",
+                    "best_step", "total_steps", "total_gflops", "total_wall_s"):  # fmt: skip
+            values = [r[key] for r in group if _present(r.get(key))]
             entry[key] = _mean_std(values) if values else (float("nan"), 0.0)
         summary.append(entry)
     return summary
@@ -131,13 +174,39 @@ def plot_curves(rows: list[dict], arms: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def _fmt(pair: tuple[float, float], digits: int = 3) -> str:
+def cell(pair: tuple[float, float], digits: int = 3) -> str:
+    """A table cell of an ``arm_summary`` (mean, std) pair: "n/a" without a value, no std for 1 seed."""
     mean, std = pair
     if math.isnan(mean):
         return "n/a"
-    return (
-        f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
-    )  # 1 seed: no std
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _interval(low: float | None, high: float | None, digits: int) -> str:
+    return "n/a" if low is None or high is None else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def effects_table(effects: list[dict], with_metric: bool = False) -> list[str]:
+    """Markdown rows of ``paired_effects`` results: mean difference, bootstrap and t 95% intervals,
+    t-test p, and the seeds on which the first arm did better / equally / worse."""
+    lines = [
+        ("| metric " if with_metric else "") + "| comparison | labeled | seeds | mean difference | "
+        "bootstrap 95% interval | t 95% interval | t-test p | seeds better / equal / worse |",
+        "|---" * (9 if with_metric else 8) + "|",
+    ]
+    for e in effects:
+        digits = 0 if e.get("metric", "").startswith("steps") else 4  # step counts: whole steps
+        p_value = "n/a" if e["t_p"] is None else f"{e['t_p']:.3f}"
+        bootstrap, t = (
+            _interval(e["ci_low"], e["ci_high"], digits),
+            _interval(e["t_low"], e["t_high"], digits),
+        )
+        lines.append(
+            (f"| {e['metric']} " if with_metric else "")
+            + f"| {e['comparison']} | {e['labeled']} | {e['n_seeds']} | {e['mean_diff']:+.{digits}f} | "
+            f"{bootstrap} | {t} | {p_value} | {e['wins']} / {e['ties']} / {e['losses']} |"
+        )
+    return lines
 
 
 def markdown_report(rows: list[dict], pretrained: dict, config: Any, effects: list[dict]) -> str:
@@ -169,36 +238,19 @@ def markdown_report(rows: list[dict], pretrained: dict, config: Any, effects: li
     ]
     for s in arm_summary(rows):
         lines.append(
-            f"| {s['labeled']} | {s['arm']} | {s['n_seeds']} | {_fmt(s['test_dice_1'])} | "
-            f"{_fmt(s['test_dice_2'])} | {_fmt(s['test_dice_mean'])} | {_fmt(s['test_hd95_mean'], 2)} | "
-            f"{_fmt(s['best_val_dice'])} | {_fmt(s['steps_to_95'], 0)} | {_fmt(s['wall_time_s'], 0)} |"
+            f"| {s['labeled']} | {s['arm']} | {s['n_seeds']} | {cell(s['test_dice_1'])} | "
+            f"{cell(s['test_dice_2'])} | {cell(s['test_dice_mean'])} | {cell(s['test_hd95_mean'], 2)} | "
+            f"{cell(s['best_val_dice'])} | {cell(s['steps_to_95'], 0)} | {cell(s['wall_time_s'], 0)} |"
         )
     lines += [
         "",
         "## Paired effect sizes on test mean Dice",
         "",
-        "Differences are paired by seed (same labeled subset, same test cases). Interval: percentile "
-        "bootstrap of the mean difference over seeds; p: paired t-test, two-sided.",
+        "Differences are paired by seed (same labeled subset, same test cases).",
         "",
-        "| comparison | labeled | seeds | mean difference | bootstrap 95% interval | paired t p "
-        "| seeds won |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for e in effects:
-        lines.append(
-            f"| {e['comparison']} | {e['labeled']} | {e['n_seeds']} | {e['mean_diff']:+.4f} | "
-            f"[{e['ci_low']:+.4f}, {e['ci_high']:+.4f}] | {e['t_p']:.3f} | {e['wins']}/{e['n_seeds']} |"
-        )
-    n_seeds = max((e["n_seeds"] for e in effects), default=0)
-    lines += [
+        *effects_table(effects),
         "",
-        f"How much this supports: with at most {n_seeds} seeds per comparison a bootstrap over seeds can "
-        f"only resample those few differences, so its interval understates the uncertainty; the paired "
-        f"t-test has at most {max(n_seeds - 1, 0)} degrees of freedom, and an exact two-sided Wilcoxon "
-        f"signed-rank test cannot go below p = {2 / 2 ** max(n_seeds, 1):.3f} with {n_seeds} pairs "
-        f"(2 / 2^n). "
-        f"Read the differences as effect estimates over seeds (labeled subset + init), not as general "
-        f"findings; seed-to-seed spread is shown as ± std.",
+        how_much_this_supports(max((e["n_seeds"] for e in effects), default=0)),
         "",
         "Plots: `test_dice_vs_labeled.png` (test Dice vs labeled count per arm), "
         "`val_dice_vs_step.png` (validation Dice vs fine-tuning step per arm, one panel per labeled count).",
