@@ -21,8 +21,6 @@ TABLE_FIELDS = [
     "total_steps", "total_gflops", "total_wall_s", "machine",
 ]  # fmt: skip
 COMPARISONS = (("mae", "scratch"), ("mae", "scratch_matched"))
-
-
 LOWER_IS_BETTER = frozenset({"steps_to_95", "steps_to_scratch_95", "test_hd95_mean"})
 
 
@@ -72,9 +70,8 @@ def how_much_this_supports(n_seeds: int) -> str:
     """What paired comparisons over ``n_seeds`` seeds can and cannot support, in numbers."""
     if n_seeds < 2:
         return (
-            f"How much this supports: at most {n_seeds} seed per comparison, so no interval and no "
-            "test: each difference is one draw of the labeled subset and initialisation, a record, not "
-            "a comparison."
+            "How much this supports: no comparison has two seeds yet, so no interval and no test: each "
+            "difference is one draw of the labeled subset and initialisation, a record, not a comparison."
         )
     from scipy import stats
 
