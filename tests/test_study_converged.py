@@ -18,7 +18,7 @@ from maeformer_fast.train import study as study_module
 from maeformer_fast.train import study_converged
 from maeformer_fast.train.finetune import FinetuneConfig, finetune
 from maeformer_fast.train.study import StudyConfig, study
-from maeformer_fast.train.study_converged import with_compute, with_convergence
+from maeformer_fast.train.study_converged_report import with_compute, with_convergence
 from maeformer_fast.train.study_protocol import (
     matched_steps,
     plateaued,

@@ -408,7 +408,7 @@ def finished_study(config: StudyConfig, out: Path, started: float) -> StudyResul
     rows = sorted((json.loads(p.read_text()) for p in results),
                   key=lambda r: (r["seed"], r["labeled"], order.index(r["arm"])))  # fmt: skip
     if config.protocol == "converged":  # progress.md always; the report once an arm is done
-        from .study_converged import converged_outputs
+        from .study_converged_report import converged_outputs
         from .study_progress import write_progress
 
         files = write_progress(out, Path(config.report_dir or out))
