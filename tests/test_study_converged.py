@@ -25,7 +25,7 @@ from maeformer_fast.train.study_protocol import (
     scratch_max_steps,
     step_flops,
 )
-from maeformer_fast.train.study_report import paired_effects
+from maeformer_fast.train.study_report import how_much_this_supports, paired_effects, strict_json
 
 from .test_study import recomputed_test_dice
 
@@ -100,7 +100,7 @@ def test_convergence_is_measured_against_the_best_and_scratchs_best():
     """Catches steps to 95% taken against the plateau's mean (tried: the mean of the last three
     validations as the target: scratch, peaking at 0.80 and sliding to 0.60, then "converges" at step
     100) and a common target from another seed's scratch arm (tried: keying scratch by labeled count
-    only: seed 1's MAE then gets seed 0's target)."""
+    only: seed 0's MAE then gets seed 1's target and reaches it at step 100)."""
     rows = [
         {"arm": "scratch", "labeled": 2, "seed": 0, "best_val_dice": 0.80,
          "curve": curve(0.60, 0.70, 0.80, 0.65, 0.60, 0.60)},
@@ -139,7 +139,7 @@ def test_bootstrap_interval_against_hand_worked_and_enumerated_cases():
     (effect,) = paired_effects(rows, "mae", "scratch")
     assert effect["mean_diff"] == pytest.approx(0.04 / 3)
     assert (effect["ci_low"], effect["ci_high"]) == pytest.approx((-0.02, 0.05))
-    # t interval: mean +- t(0.975, 2 df) * s / sqrt(3); s = sqrt(0.0012667 / 2) by hand, t = 4.3027 (table)
+    # t interval: mean +- t(0.975, 2 df) * s / sqrt(3); s = sqrt(0.0024667 / 2) by hand, t = 4.3027 (table)
     half = 4.3027 * np.sqrt(
         ((0.01 - 0.04 / 3) ** 2 + (0.05 - 0.04 / 3) ** 2 + (0.02 + 0.04 / 3) ** 2) / 2 / 3
     )
@@ -172,6 +172,38 @@ def test_paired_effects_of_one_seed_and_of_step_counts():
     ]
     (effect,) = paired_effects(rows, "mae", "scratch", "steps_to_95")
     assert (effect["wins"], effect["ties"], effect["losses"]) == (2, 1, 1)
+
+
+def test_paired_steps_count_a_target_never_reached_as_a_loss():
+    """Catches a seed where an arm never reached the target dropped from the count (tried: treating
+    None as a missing value: better / equal / worse 1 / 0 / 1) and intervals of zero width from
+    differences that do not vary (tried: no spread check: [+100, +100])."""
+    steps = {"mae": [300, None, 500], "scratch": [400, 600, 400]}  # mae: -100, never, +100
+    rows = [
+        {"arm": arm, "labeled": 2, "seed": s, "steps_to_scratch_95": v}
+        for arm, vs in steps.items()
+        for s, v in enumerate(vs)
+    ]
+    (effect,) = paired_effects(rows, "mae", "scratch", "steps_to_scratch_95")
+    assert (effect["wins"], effect["ties"], effect["losses"]) == (1, 0, 2)
+    assert (effect["n_seeds"], effect["not_reached_a"], effect["not_reached_b"]) == (2, 1, 0)
+    assert effect["mean_diff"] == 0.0  # over the two seeds both reached
+    rows = [{"arm": arm, "labeled": 2, "seed": s, "steps_to_95": 500 if arm == "mae" else 400}
+            for arm in ("mae", "scratch") for s in range(2)]  # fmt: skip
+    (effect,) = paired_effects(rows, "mae", "scratch", "steps_to_95")
+    assert effect["mean_diff"] == 100 and [effect[k] for k in ("ci_low", "t_low", "t_p")] == [None] * 3
+
+
+def test_what_five_seeds_support_in_numbers_and_strict_json():
+    """Catches a wrong count of distinct bootstrap resamples (tried: ``comb(2n, n)``: 252), the
+    bootstrap's width without the plug-in variance's sqrt((n-1)/n) (tried: 1.96), the t quantile of
+    n instead of n - 1 degrees of freedom (tried: 2.57) and NaN written into JSON (tried: no cleaning:
+    ValueError). Reference numbers by hand: C(9, 5) = 126 multisets of 5 seeds; 1.96 * sqrt(4/5) =
+    1.753; t(0.975, 4) = 2.776 (table); 2 / 2^5 = 0.0625."""
+    text = how_much_this_supports(5)
+    for number in ("126 distinct", "±1.75 ", "±2.78", "p = 0.0625"):
+        assert number in text, number
+    assert json.loads(strict_json({"hd95": [float("nan"), 1.5]})) == {"hd95": [None, 1.5]}
 
 
 def test_finetune_stop_rule_and_encoder_freezing(phantom_cache, tmp_path):
@@ -253,6 +285,8 @@ def test_converged_study_chunks_resume_and_external_test(phantom_cache, tmp_path
     )
     first = study(config)
     assert not first.complete and [r["arm"] for r in first.rows] == ["mae", "mae_short"]
+    # no scratch arm yet: no target to converge to (tried: counting against every seed: "n/a (0/1)")
+    assert "| n/a (no scratch arm yet) |" in first.files["report"].read_text()
     assert (scratch / "checkpoints" / "step-0000001").is_dir() and not (scratch / "result.json").exists()
     monkeypatch.undo()
     capsys.readouterr()

@@ -129,8 +129,9 @@ def steps_to_fraction(
     curve: list[tuple[int, float]], fraction: float = 0.95, target: float | None = None
 ) -> int | None:
     """First validation step whose Dice reaches ``fraction`` of ``target`` (default: the curve's last
-    Dice): how fast an arm gets near where it ends. None if there is no curve, the target is not
-    positive (a collapsed run must not look fast) or the curve never reaches it."""
+    Dice): how fast an arm gets near where it ends (or its best, or another arm's). None if there is no
+    curve, the target is not positive (a collapsed run must not look fast) or the curve never reaches
+    it."""
     if not curve:
         return None
     target = curve[-1][1] if target is None else target

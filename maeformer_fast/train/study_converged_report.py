@@ -13,7 +13,14 @@ from ..data.io import atomic_write_text
 from .study import CONVERGED_ARMS, StudyConfig, steps_to_fraction
 from .study_progress import plot_runs, pretrain_state
 from .study_protocol import best_within, matched_steps
-from .study_report import arm_summary, cell, effects_table, how_much_this_supports, write_outputs
+from .study_report import (
+    arm_summary,
+    cell,
+    effects_table,
+    how_much_this_supports,
+    strict_json,
+    write_outputs,
+)
 
 COMPARISONS = (("mae", "scratch"), ("mae_short", "scratch"), ("mae", "mae_short"))
 METRICS = ("test_dice_mean", "ext_test_dice_mean", "steps_to_95", "steps_to_scratch_95")
@@ -83,7 +90,8 @@ def converged_outputs(
     config: StudyConfig, out: Path, rows: list[dict]
 ) -> tuple[list[dict], dict, dict[str, Path]]:
     """The report of the finished arms: tables, effects, plots (Dice, curves, pretraining loss) and
-    report.md in ``report_dir``; returns (rows with compute, pretraining records by arm, files)."""
+    report.md in ``report_dir``; returns (rows with convergence and compute, pretraining records by
+    arm, files)."""
     choices = json.loads((out / "choices.json").read_text())
     folder = f"stages-{choices['encoder_stages']}_mask-{choices['mask_ratio']}"
     flops = json.loads((out / "flops.json").read_text())[folder]
@@ -103,7 +111,7 @@ def converged_outputs(
     runs = [pretrain_state(out / "pretrain" / name) for name in records]
     plot_runs(runs, "masked-unit loss (norm-pix)", files["pretrain_plot"], log_x=True)
     files["record"] = report_dir / "study_record.json"  # choices, FLOPs, pretraining runs, tuning trials
-    atomic_write_text(files["record"], json.dumps(context, indent=2))
+    atomic_write_text(files["record"], strict_json(context))
     return rows, pretrained, files
 
 
@@ -161,7 +169,16 @@ def converged_report(
             f"| {name} | {r['steps']} | {r['final_loss']:.4f} | {drop:.4f} | {flat} | "
             f"{r['wall_time_s']:.0f} | {r.get('machine', '?')} |"
         )
+    with_scratch = {(r["labeled"], r["seed"]) for r in rows if r["arm"] == "scratch"}
+    comparable = Counter((r["labeled"], r["arm"]) for r in rows if (r["labeled"], r["seed"]) in with_scratch)
     reached = Counter((r["labeled"], r["arm"]) for r in rows if r["steps_to_scratch_95"] is not None)
+
+    def to_scratch(s: dict) -> str:  # steps to 95% of scratch's best, (reached / seeds with scratch)
+        key = (s["labeled"], s["arm"])
+        if not comparable[key]:
+            return "n/a (no scratch arm yet)"
+        return f"{cell(s['steps_to_scratch_95'], 0)} ({reached[key]}/{comparable[key]})"
+
     lines += [
         "",
         f"Counted FLOPs per step ({flops['counted_on']}, batch {flops['batch_size']}): sparse pretraining "
@@ -171,7 +188,8 @@ def converged_report(
         "",
         "Convergence, in fine-tuning steps (pretraining not included): the first validation at 95% of "
         "the arm's own best validation Dice, and at 95% of the same seed's scratch arm's best (one target "
-        "for every arm of a seed; mean over the seeds that reached it, how many did in brackets).",
+        "for every arm of a seed; mean over the seeds that reached it, in brackets how many did of the "
+        "seeds with a scratch arm).",
         "",
         "| labeled | arm | seeds | test Dice | external test Dice | best val Dice | best step | steps run "
         "| steps to 95% of own best | steps to 95% of scratch's best | total steps | total GFLOPs "
@@ -182,8 +200,8 @@ def converged_report(
         lines.append(
             f"| {s['labeled']} | {s['arm']} | {s['n_seeds']} | {cell(s['test_dice_mean'])} | "
             f"{cell(s['ext_test_dice_mean'])} | {cell(s['best_val_dice'])} | {cell(s['best_step'], 0)} | "
-            f"{cell(s['steps'], 0)} | {cell(s['steps_to_95'], 0)} | {cell(s['steps_to_scratch_95'], 0)} "
-            f"({reached[(s['labeled'], s['arm'])]}/{s['n_seeds']}) | {cell(s['total_steps'], 0)} | "
+            f"{cell(s['steps'], 0)} | {cell(s['steps_to_95'], 0)} | {to_scratch(s)} | "
+            f"{cell(s['total_steps'], 0)} | "
             f"{cell(s['total_gflops'], 1)} | {cell(s['total_wall_s'], 0)} |"
         )
     lines += [

@@ -22,6 +22,8 @@ TABLE_FIELDS = [
 ]  # fmt: skip
 COMPARISONS = (("mae", "scratch"), ("mae", "scratch_matched"))
 LOWER_IS_BETTER = frozenset({"steps_to_95", "steps_to_scratch_95", "test_hd95_mean"})
+# Steps to reach a target: None on a run that never reached it -- a loss, not a missing value.
+REACHED_METRICS = frozenset({"steps_to_95", "steps_to_scratch_95"})
 
 
 def paired_effects(rows: list[dict], a: str, b: str, metric: str = "test_dice_mean",
@@ -29,34 +31,41 @@ def paired_effects(rows: list[dict], a: str, b: str, metric: str = "test_dice_me
     """Per labeled count: mean of the paired differences ``a - b`` over seeds where both arms have
     ``metric``, a percentile bootstrap 95% interval of that mean, the paired t-test's 95% interval and
     two-sided p, and how many seeds ``a`` did better, equal or worse on (lower is better for
-    ``LOWER_IS_BETTER``). Intervals and p are None below 2 seeds (and p where the differences do not
-    vary): one difference has no spread to estimate."""
+    ``LOWER_IS_BETTER``). Intervals and p are None below 2 seeds or where the differences do not vary:
+    there is no spread to estimate. For ``REACHED_METRICS`` a seed on which only one arm reached the
+    target counts as better for that arm; it is not in the mean or the intervals (``not_reached_a`` /
+    ``not_reached_b``: seeds on which only the other arm reached it)."""
     from scipy import stats
 
-    by_key = {(r["arm"], r["labeled"], r["seed"]): r[metric] for r in rows if _present(r.get(metric))}
+    runs = {(r["arm"], r["labeled"], r["seed"]): r.get(metric) for r in rows}
     effects = []
     for labeled in sorted({r["labeled"] for r in rows}):
-        seeds = sorted(s for (arm, k, s) in by_key if arm == a and k == labeled and (b, k, s) in by_key)
-        if not seeds:
+        seeds = sorted(s for (arm, k, s) in runs if arm == a and k == labeled and (b, k, s) in runs)
+        values = [(runs[(a, labeled, s)], runs[(b, labeled, s)]) for s in seeds]
+        paired = [(va, vb) for va, vb in values if _present(va) and _present(vb)]
+        censored = metric in REACHED_METRICS
+        only_b = sum(censored and not _present(va) and _present(vb) for va, vb in values)
+        only_a = sum(censored and _present(va) and not _present(vb) for va, vb in values)
+        if not paired and not only_a + only_b:
             continue
-        diffs = np.array([by_key[(a, labeled, s)] - by_key[(b, labeled, s)] for s in seeds], dtype=float)
+        diffs = np.array([va - vb for va, vb in paired], dtype=float)
         better = -diffs if metric in LOWER_IS_BETTER else diffs
         effect: dict[str, Any] = {
-            "comparison": f"{a} - {b}", "labeled": labeled, "n_seeds": len(seeds),
-            "mean_diff": float(diffs.mean()), "ci_low": None, "ci_high": None, "t_low": None,
-            "t_high": None, "t_p": None, "wins": int((better > 0).sum()), "ties": int((better == 0).sum()),
-            "losses": int((better < 0).sum()),
+            "comparison": f"{a} - {b}", "labeled": labeled, "n_seeds": len(paired),
+            "mean_diff": float(diffs.mean()) if paired else None, "ci_low": None, "ci_high": None,
+            "t_low": None, "t_high": None, "t_p": None, "wins": int((better > 0).sum()) + only_a,
+            "ties": int((better == 0).sum()), "losses": int((better < 0).sum()) + only_b,
+            "not_reached_a": only_b, "not_reached_b": only_a,
         }  # fmt: skip
-        if len(seeds) > 1:
+        if len(paired) > 1 and diffs.std() > 0:
             rng = np.random.default_rng(seed)
             boot = diffs[rng.integers(0, len(diffs), (resamples, len(diffs)))].mean(1)
             half = stats.t.ppf(0.975, len(diffs) - 1) * diffs.std(ddof=1) / math.sqrt(len(diffs))
             effect.update(
                 ci_low=float(np.percentile(boot, 2.5)), ci_high=float(np.percentile(boot, 97.5)),
                 t_low=float(diffs.mean() - half), t_high=float(diffs.mean() + half),
+                t_p=float(stats.ttest_1samp(diffs, 0.0).pvalue),
             )  # fmt: skip
-            if diffs.std() > 0:
-                effect["t_p"] = float(stats.ttest_1samp(diffs, 0.0).pvalue)
         effects.append(effect)
     return effects
 
@@ -67,11 +76,16 @@ def _present(value: Any) -> bool:
 
 
 def how_much_this_supports(n_seeds: int) -> str:
-    """What paired comparisons over ``n_seeds`` seeds can and cannot support, in numbers."""
+    """What paired comparisons over at most ``n_seeds`` seeds can and cannot support, in numbers."""
+    fixed = (
+        "one fixed test split and one pretraining run per budget (with recipes tuned on one seed): the "
+        "sampling of the test cases and the pretraining's run-to-run variation are not in them"
+    )
     if n_seeds < 2:
         return (
-            "How much this supports: no comparison has two seeds yet, so no interval and no test: each "
-            "difference is one draw of the labeled subset and initialisation, a record, not a comparison."
+            "How much this supports: no comparison has two seeds, so no interval and no test: a "
+            "difference from one seed is one draw of the labeled subset, initialisation and data order "
+            f"on {fixed} -- a record, not a comparison."
         )
     from scipy import stats
 
@@ -79,15 +93,30 @@ def how_much_this_supports(n_seeds: int) -> str:
     boot, t_half = 1.96 * math.sqrt((n_seeds - 1) / n_seeds), stats.t.ppf(0.975, n_seeds - 1)
     return (
         f"How much this supports: at most {n_seeds} seeds per comparison. A percentile bootstrap over "
-        f"{n_seeds} differences has only {distinct} distinct resamples and spans about +-{boot:.2f} "
-        f"standard errors against the t interval's +-{t_half:.2f}: for normal differences it covers "
-        f"less than 95%, so the t interval is given beside it. An exact two-sided sign-flip or "
-        f"Wilcoxon test cannot go below p = {2 / 2**n_seeds:.4f} with {n_seeds} pairs (2 / 2^n). The "
-        "intervals cover the variation over seeds (labeled subset, initialisation, data order; with "
-        "all labeled cases only the last two) on one fixed test split: the sampling of the test cases "
-        "is not in them. The comparisons are not corrected for multiple testing. Read the "
-        "differences as effect estimates, not as general findings."
+        f"{n_seeds} differences has only {distinct} distinct resamples and spans about ±{boot:.2f} "
+        f"standard errors (normal approximation) against the t interval's ±{t_half:.2f}: it covers "
+        "less than 95% for normal differences, so the t interval (which assumes roughly normal "
+        "differences, as does its p) is given beside it. An exact two-sided sign-flip or Wilcoxon test "
+        f"cannot go below p = {2 / 2**n_seeds:.4f} with {n_seeds} pairs (2 / 2^n). The intervals cover "
+        "the variation over seeds (labeled subset, initialisation, data order; with all labeled cases "
+        f"only the last two) on {fixed}. The comparisons are not corrected for multiple testing. Read "
+        "the differences as effect estimates, not as general findings."
     )
+
+
+def strict_json(value: Any) -> str:
+    """Indented JSON with every NaN written as null: bare NaN is not JSON (jq, browsers reject it)."""
+
+    def clean(item: Any) -> Any:
+        if isinstance(item, float) and math.isnan(item):
+            return None
+        if isinstance(item, dict):
+            return {k: clean(v) for k, v in item.items()}
+        if isinstance(item, list | tuple):
+            return [clean(v) for v in item]
+        return item
+
+    return json.dumps(clean(value), indent=2, allow_nan=False)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -193,6 +222,11 @@ def effects_table(effects: list[dict], with_metric: bool = False) -> list[str]:
     ]
     for e in effects:
         digits = 0 if e.get("metric", "").startswith("steps") else 4  # step counts: whole steps
+        a, b = e["comparison"].split(" - ")
+        seeds = str(e["n_seeds"])
+        if e.get("not_reached_a") or e.get("not_reached_b"):
+            seeds += f" (+{e['not_reached_a']} only {b} reached, +{e['not_reached_b']} only {a})"
+        mean = "n/a" if e["mean_diff"] is None else f"{e['mean_diff']:+.{digits}f}"
         p_value = "n/a" if e["t_p"] is None else f"{e['t_p']:.3f}"
         bootstrap, t = (
             _interval(e["ci_low"], e["ci_high"], digits),
@@ -200,8 +234,8 @@ def effects_table(effects: list[dict], with_metric: bool = False) -> list[str]:
         )
         lines.append(
             (f"| {e['metric']} " if with_metric else "")
-            + f"| {e['comparison']} | {e['labeled']} | {e['n_seeds']} | {e['mean_diff']:+.{digits}f} | "
-            f"{bootstrap} | {t} | {p_value} | {e['wins']} / {e['ties']} / {e['losses']} |"
+            + f"| {e['comparison']} | {e['labeled']} | {seeds} | {mean} | {bootstrap} | {t} | {p_value} | "
+            f"{e['wins']} / {e['ties']} / {e['losses']} |"
         )
     return lines
 
@@ -277,10 +311,10 @@ def write_outputs(
         writer = csv.DictWriter(f, TABLE_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    atomic_write_text(files["table_json"], json.dumps({"pretrain": pretrained, "runs": rows}, indent=2))
+    atomic_write_text(files["table_json"], strict_json({"pretrain": pretrained, "runs": rows}))
     pairs = [(a, b) for a, b in comparisons if a in arms and b in arms]
     effects = [{**e, "metric": m} for m in metrics for a, b in pairs for e in paired_effects(rows, a, b, m)]
-    atomic_write_text(files["effects"], json.dumps(effects, indent=2))
+    atomic_write_text(files["effects"], strict_json(effects))
     plot_test_dice(rows, arms, files["test_plot"])
     plot_curves(rows, arms, files["curve_plot"])
     atomic_write_text(files["report"], (report or markdown_report)(rows, pretrained, config, effects))
