@@ -10,7 +10,8 @@
 # The study runs the library as it was at its first chunk: that chunk copies the committed package
 # into $OUT/code (its commit in $OUT/code/COMMIT) and every chunk imports it from there, so later work
 # on the library never mixes versions within the study. To move the study to newer code on purpose,
-# delete $OUT/code (and say so in the write-up).
+# delete $OUT/code (and say so in the write-up). The report (step 3) reads only the runs' records,
+# so it uses this checkout's library: a corrected report needs no new training.
 set -euo pipefail
 DATA=${DATA:-../shared/data/Task04_Hippocampus}
 OUT=${OUT:-runs/hippocampus_study_converged}
@@ -42,6 +43,7 @@ if [ ! -f "$CODE/COMMIT" ]; then
     git archive HEAD maeformer_fast | tar -x -C "$CODE"
     git rev-parse HEAD >"$CODE/COMMIT"
 fi
+CHECKOUT_PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$(cd "$CODE" && pwd)${PYTHONPATH:+:$PYTHONPATH} # `maeformer` imports the copy
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null ||
   echo "$(nproc --all) CPU cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
@@ -72,7 +74,8 @@ wait
 
 # 3. Tables, effects, plots and report.md over every finished arm (partial results included).
 if compgen -G "$OUT/runs/labeled-*/seed-*/*/result.json" >/dev/null; then
-    maeformer study --data "$DATA" --out "$OUT" --report-only --report-dir "$REPORT"
+    PYTHONPATH=$CHECKOUT_PYTHONPATH maeformer study --data "$DATA" --out "$OUT" --report-only \
+        --report-dir "$REPORT"
 else
     echo "no arm has finished yet: no report" >&2
 fi
