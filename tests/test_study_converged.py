@@ -34,6 +34,15 @@ def curve(*dice: float, every: int = 100) -> list[tuple[int, float]]:
     return [(every * (i + 1), d) for i, d in enumerate(dice)]
 
 
+def seed_rows(metric: str, values: dict[str, list], labeled: int = 2) -> list[dict]:
+    """Study rows of ``metric`` per arm, the i-th value of each arm at seed i."""
+    return [
+        {"arm": arm, "labeled": labeled, "seed": seed, metric: value}
+        for arm, arm_values in values.items()
+        for seed, value in enumerate(arm_values)
+    ]
+
+
 def test_plateau_criterion_on_hand_worked_curves():
     """Catches a plateau measured against the last Dice before the window instead of the best one
     (tried: ``before = curve[-patience - 1][1]``: the dip-and-recovery curve then counts as progress),
@@ -165,12 +174,7 @@ def test_paired_effects_of_one_seed_and_of_step_counts():
     assert effect["mean_diff"] == pytest.approx(0.1) and effect["n_seeds"] == 1
     assert [effect[k] for k in ("ci_low", "ci_high", "t_low", "t_high", "t_p")] == [None] * 5
     steps = {"mae": [300, 400, 500, 900], "scratch": [400, 600, 500, 600]}  # mae: -100, -200, 0, +300
-    rows = [
-        {"arm": arm, "labeled": 2, "seed": s, "steps_to_95": v}
-        for arm, vs in steps.items()
-        for s, v in enumerate(vs)
-    ]
-    (effect,) = paired_effects(rows, "mae", "scratch", "steps_to_95")
+    (effect,) = paired_effects(seed_rows("steps_to_95", steps), "mae", "scratch", "steps_to_95")
     assert (effect["wins"], effect["ties"], effect["losses"]) == (2, 1, 1)
 
 
@@ -179,11 +183,7 @@ def test_paired_steps_count_a_target_never_reached_as_a_loss():
     None as a missing value: better / equal / worse 1 / 0 / 1) and intervals of zero width from
     differences that do not vary (tried: no spread check: [+100, +100])."""
     steps = {"mae": [300, None, 500], "scratch": [400, 600, 400]}  # mae: -100, never, +100
-    rows = [
-        {"arm": arm, "labeled": 2, "seed": s, "steps_to_scratch_95": v}
-        for arm, vs in steps.items()
-        for s, v in enumerate(vs)
-    ]
+    rows = seed_rows("steps_to_scratch_95", steps)
     (effect,) = paired_effects(rows, "mae", "scratch", "steps_to_scratch_95")
     assert (effect["wins"], effect["ties"], effect["losses"]) == (1, 0, 2)
     assert (effect["n_seeds"], effect["not_reached_a"], effect["not_reached_b"]) == (2, 1, 0)
