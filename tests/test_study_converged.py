@@ -143,9 +143,7 @@ def test_bootstrap_interval_against_hand_worked_and_enumerated_cases():
     [min, max] of the differences (each extreme has bootstrap probability 1/27 > 2.5%), and with 5
     seeds the Monte Carlo interval matches the one from all 5^5 resamples."""
     a, b = [0.80, 0.85, 0.70], [0.79, 0.80, 0.72]  # differences +0.01, +0.05, -0.02
-    rows = [{"arm": arm, "labeled": 2, "seed": s, "test_dice_mean": v}
-            for arm, values in (("mae", a), ("scratch", b)) for s, v in enumerate(values)]  # fmt: skip
-    (effect,) = paired_effects(rows, "mae", "scratch")
+    (effect,) = paired_effects(seed_rows("test_dice_mean", {"mae": a, "scratch": b}), "mae", "scratch")
     assert effect["mean_diff"] == pytest.approx(0.04 / 3)
     assert (effect["ci_low"], effect["ci_high"]) == pytest.approx((-0.02, 0.05))
     # t interval: mean +- t(0.975, 2 df) * s / sqrt(3); s = sqrt(0.0024667 / 2) by hand, t = 4.3027 (table)
@@ -155,8 +153,7 @@ def test_bootstrap_interval_against_hand_worked_and_enumerated_cases():
     assert (effect["t_low"], effect["t_high"]) == pytest.approx((0.04 / 3 - half, 0.04 / 3 + half), abs=1e-5)
 
     diffs = np.array([0.03, -0.01, 0.08, 0.02, 0.00])
-    rows = [{"arm": "mae", "labeled": 4, "seed": s, "test_dice_mean": 0.7 + d} for s, d in enumerate(diffs)]
-    rows += [{"arm": "scratch", "labeled": 4, "seed": s, "test_dice_mean": 0.7} for s in range(5)]
+    rows = seed_rows("test_dice_mean", {"mae": list(0.7 + diffs), "scratch": [0.7] * 5}, labeled=4)
     (effect,) = paired_effects(rows, "mae", "scratch")
     means = [diffs[list(i)].mean() for i in itertools.product(range(5), repeat=5)]
     exact = np.percentile(means, [2.5, 97.5], method="inverted_cdf")
@@ -166,10 +163,7 @@ def test_bootstrap_interval_against_hand_worked_and_enumerated_cases():
 def test_paired_effects_of_one_seed_and_of_step_counts():
     """Catches an interval claimed from one difference (tried: bootstrapping a single seed: [d, d])
     and fewer steps counted as worse (tried: ignoring ``LOWER_IS_BETTER``: 1 seed better, 2 worse)."""
-    rows = [
-        {"arm": arm, "labeled": 1, "seed": 0, "test_dice_mean": v}
-        for arm, v in (("mae", 0.8), ("scratch", 0.7))
-    ]
+    rows = seed_rows("test_dice_mean", {"mae": [0.8], "scratch": [0.7]}, labeled=1)
     (effect,) = paired_effects(rows, "mae", "scratch")
     assert effect["mean_diff"] == pytest.approx(0.1) and effect["n_seeds"] == 1
     assert [effect[k] for k in ("ci_low", "ci_high", "t_low", "t_high", "t_p")] == [None] * 5
@@ -188,8 +182,7 @@ def test_paired_steps_count_a_target_never_reached_as_a_loss():
     assert (effect["wins"], effect["ties"], effect["losses"]) == (1, 0, 2)
     assert (effect["n_seeds"], effect["not_reached_a"], effect["not_reached_b"]) == (2, 1, 0)
     assert effect["mean_diff"] == 0.0  # over the two seeds both reached
-    rows = [{"arm": arm, "labeled": 2, "seed": s, "steps_to_95": 500 if arm == "mae" else 400}
-            for arm in ("mae", "scratch") for s in range(2)]  # fmt: skip
+    rows = seed_rows("steps_to_95", {"mae": [500, 500], "scratch": [400, 400]})
     (effect,) = paired_effects(rows, "mae", "scratch", "steps_to_95")
     assert effect["mean_diff"] == 100 and [effect[k] for k in ("ci_low", "t_low", "t_p")] == [None] * 3
 

@@ -160,7 +160,8 @@ def plot_test_dice(rows: list[dict], arms: list[str], path: Path) -> None:
         ax.errorbar(x * (1 + offset), means, yerr=stds, marker="o", capsize=3, label=arm)
     ax.set_xscale("log")
     ax.minorticks_off()  # the log axis would label minor ticks "3x10^0" between the labeled counts
-    ax.set_xticks(sorted({r["labeled"] for r in rows}), labels=map(str, sorted({r["labeled"] for r in rows})))
+    counts = sorted({r["labeled"] for r in rows})
+    ax.set_xticks(counts, labels=[str(count) for count in counts])
     ax.set_xlabel("labeled training cases")
     ax.set_ylabel("test mean Dice (mean ± std over seeds)")
     ax.legend()
