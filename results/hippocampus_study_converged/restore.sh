@@ -6,10 +6,13 @@
 #    partial/machine.txt) into $OUT/code, as run.sh's first chunk made it.
 # 2. The records of every finished tuning run and arm (their result.json: run.sh skips them), the
 #    tuning record, the choices and the counted FLOPs.
-# 3. The pretrainings, whose weights are not committed: each is rerun with the frozen code (the long
-#    one beside the two short ones, one process per core) and checked against its committed loss log:
-#    the rerun must log the same loss at every logged step, or the script stops with the difference,
-#    since the arms still to run must start from the encoders the finished ones started from.
+# 3. The pretrainings: their committed encoders where snapshot.sh saved them (partial/pretrain/*/);
+#    otherwise each is rerun with the frozen code (the long one beside the two short ones, one process
+#    per core) and checked against its committed loss log: the rerun must log the same loss at every
+#    logged step, or the script stops with the difference, since the arms still to run must start
+#    from the encoders the finished ones started from. The committed record and log stay the study's
+#    (their wall time is the pretraining the first arms waited for); a rerun's own are kept beside
+#    them as pretrain_rerun.json, pretrain_rerun_log.csv and pretrain_rerun_config.json.
 # An arm that was paused at a checkpoint starts again from step 0 (checkpoints are not committed).
 set -euo pipefail
 DATA=${DATA:-../shared/data/Task04_Hippocampus}
@@ -34,7 +37,13 @@ if [ ! -e "$OUT/choices.json" ]; then
             cp "$arm"/* "$OUT/${arm#"$RECORDS"/}"
         fi
     done
-    echo "restore.sh: work folder rebuilt in $OUT (code $COMMIT); rerunning the pretrainings" | tee -a "$OUT/stage1.log"
+    for run in "$RECORDS"/pretrain/*/; do
+        if [ -f "$run/encoder.safetensors" ]; then
+            mkdir -p "$OUT/pretrain/$(basename "$run")"
+            cp "$run"/* "$OUT/pretrain/$(basename "$run")"/
+        fi
+    done
+    echo "restore.sh: work folder rebuilt in $OUT (code $COMMIT)" | tee -a "$OUT/stage1.log"
 fi
 
 # The pretraining of (mask ratio, steps) exactly as the study runs it: the study's settings from run.sh,
@@ -69,16 +78,30 @@ wait "$long"
 
 for run in "$RECORDS"/pretrain/*/; do
     name=$(basename "$run")
-    python3 - "$run/pretrain_log.csv" "$OUT/pretrain/$name/pretrain_log.csv" <<'EOF'
+    python3 - "$run" "$OUT/pretrain/$name" <<'EOF'
 import csv
+import shutil
 import sys
+from pathlib import Path
 
-committed, rerun = ({int(r["step"]): r["loss"] for r in csv.DictReader(open(p))} for p in sys.argv[1:])
-differ = [s for s in committed if rerun.get(s) != committed[s]]
-if differ or len(rerun) != len(committed):
+
+def losses(log: Path) -> dict[int, str]:
+    return {int(row["step"]): row["loss"] for row in csv.DictReader(open(log))}
+
+
+committed, work = Path(sys.argv[1]), Path(sys.argv[2])
+if (work / "pretrain.json").read_bytes() == (committed / "pretrain.json").read_bytes():
+    print(f"{work}: the committed encoder and record")
+    sys.exit()
+original, rerun = losses(committed / "pretrain_log.csv"), losses(work / "pretrain_log.csv")
+differ = [s for s in original if rerun.get(s) != original[s]]
+if differ or len(rerun) != len(original):
     s = differ[0] if differ else None
-    sys.exit(f"{sys.argv[2]}: the rerun's loss differs from the committed log at {len(differ)} of "
-             f"{len(committed)} logged steps (first: step {s}, {committed.get(s)} vs {rerun.get(s)})")
-print(f"{sys.argv[2]}: the same loss as the committed log at all {len(committed)} logged steps")
+    sys.exit(f"{work}: the rerun's loss differs from the committed log at {len(differ)} of "
+             f"{len(original)} logged steps (first: step {s}, {original.get(s)} vs {rerun.get(s)})")
+for name in ("pretrain.json", "pretrain_log.csv", "pretrain_config.json"):
+    (work / name).replace(work / name.replace("pretrain", "pretrain_rerun", 1))
+    shutil.copy(committed / name, work / name)
+print(f"{work}: the rerun has the same loss as the committed log at all {len(original)} logged steps")
 EOF
 done | tee -a "$OUT/stage1.log"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Copies the small records of a study still in progress (run.sh's work folder) into partial/, to commit
-# between chunks: pretraining logs, records and last previews, tuning-run logs and results, finished
-# arms' results, the machine and the study's settings, and writes progress.md (maeformer study
-# --report-only). Weights and checkpoints stay in the work folder.
+# between chunks: pretraining logs, records, last previews and encoders, tuning-run logs and results,
+# finished arms' results, the machine and the study's settings, and writes progress.md (maeformer study
+# --report-only). Fine-tuning weights and checkpoints stay in the work folder.
 set -euo pipefail
 OUT=${OUT:-runs/hippocampus_study_converged}
 DEST=${DEST:-results/hippocampus_study_converged/partial}
@@ -16,6 +16,10 @@ for run in "$OUT"/pretrain/*/ "$OUT"/tuning/*/ "$OUT"/runs/labeled-*/seed-*/*/; 
     cp "$run"/*.json "$run"/*.csv "$DEST/$name" 2>/dev/null || true
     last_preview=$(ls "$run"/previews/*.png 2>/dev/null | tail -1 || true)
     if [ -n "$last_preview" ]; then cp "$last_preview" "$DEST/$name"; fi
+done
+# The finished pretrainings' encoders (3.4 MB each): restore.sh starts a lost work folder from them.
+for encoder in "$OUT"/pretrain/*/encoder.safetensors; do
+    if [ -f "$encoder" ]; then cp "$encoder" "$DEST/${encoder#"$OUT"/}"; fi
 done
 # Runs set aside when the protocol changed (their records only; see partial/README.md).
 if [ -d "$OUT/superseded" ]; then
