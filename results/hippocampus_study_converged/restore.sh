@@ -30,19 +30,20 @@ if [ ! -e "$OUT/choices.json" ]; then
         "$RECORDS"/flops.json "$OUT"/
     cp "$HERE"/stage1.log "$HERE"/arms-*.log "$OUT"/
     cp -r "$RECORDS"/tuning "$RECORDS"/superseded "$OUT"/
+    # The committed runs (folders under $RECORDS) that hold the file $1, into the same place in $OUT.
+    copy_holding() {
+        local file=$1 run
+        shift
+        for run in "$@"; do
+            if [ -f "$run/$file" ]; then
+                mkdir -p "$OUT/${run#"$RECORDS"/}"
+                cp "$run"/* "$OUT/${run#"$RECORDS"/}"
+            fi
+        done
+    }
     # Finished arms only: an arm paused at a checkpoint left a partial log, and restarts in a clean folder.
-    for arm in "$RECORDS"/runs/labeled-*/seed-*/*/; do
-        if [ -f "$arm/result.json" ]; then
-            mkdir -p "$OUT/${arm#"$RECORDS"/}"
-            cp "$arm"/* "$OUT/${arm#"$RECORDS"/}"
-        fi
-    done
-    for run in "$RECORDS"/pretrain/*/; do
-        if [ -f "$run/encoder.safetensors" ]; then
-            mkdir -p "$OUT/pretrain/$(basename "$run")"
-            cp "$run"/* "$OUT/pretrain/$(basename "$run")"/
-        fi
-    done
+    copy_holding result.json "$RECORDS"/runs/labeled-*/seed-*/*/
+    copy_holding encoder.safetensors "$RECORDS"/pretrain/*/
     echo "restore.sh: work folder rebuilt in $OUT (code $COMMIT)" | tee -a "$OUT/stage1.log"
 fi
 
@@ -79,14 +80,15 @@ wait "$long"
 for run in "$RECORDS"/pretrain/*/; do
     name=$(basename "$run")
     python3 - "$run" "$OUT/pretrain/$name" <<'EOF'
-import csv
 import shutil
 import sys
 from pathlib import Path
 
+from maeformer_fast.train.study_protocol import read_loss_curve
 
-def losses(log: Path) -> dict[int, str]:
-    return {int(row["step"]): row["loss"] for row in csv.DictReader(open(log))}
+
+def losses(log: Path) -> dict[int, float]:
+    return dict(zip(*read_loss_curve(log)))
 
 
 committed, work = Path(sys.argv[1]), Path(sys.argv[2])

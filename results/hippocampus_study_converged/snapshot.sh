@@ -13,13 +13,10 @@ for run in "$OUT"/pretrain/*/ "$OUT"/tuning/*/ "$OUT"/runs/labeled-*/seed-*/*/; 
     [ -d "$run" ] || continue
     name=${run#"$OUT"/}
     mkdir -p "$DEST/$name"
-    cp "$run"/*.json "$run"/*.csv "$DEST/$name" 2>/dev/null || true
+    # a pretraining's encoder too (3.4 MB): restore.sh starts a lost work folder from it
+    cp "$run"/*.json "$run"/*.csv "$run"/encoder.safetensors "$DEST/$name" 2>/dev/null || true
     last_preview=$(ls "$run"/previews/*.png 2>/dev/null | tail -1 || true)
     if [ -n "$last_preview" ]; then cp "$last_preview" "$DEST/$name"; fi
-done
-# The finished pretrainings' encoders (3.4 MB each): restore.sh starts a lost work folder from them.
-for encoder in "$OUT"/pretrain/*/encoder.safetensors; do
-    if [ -f "$encoder" ]; then cp "$encoder" "$DEST/${encoder#"$OUT"/}"; fi
 done
 # Runs set aside when the protocol changed (their records only; see partial/README.md).
 if [ -d "$OUT/superseded" ]; then
