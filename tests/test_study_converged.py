@@ -18,7 +18,11 @@ from maeformer_fast.train import study as study_module
 from maeformer_fast.train import study_converged
 from maeformer_fast.train.finetune import FinetuneConfig, finetune
 from maeformer_fast.train.study import StudyConfig, study
-from maeformer_fast.train.study_converged_report import with_compute, with_convergence
+from maeformer_fast.train.study_converged_report import (
+    dice_summary_table,
+    with_compute,
+    with_convergence,
+)
 from maeformer_fast.train.study_protocol import (
     matched_steps,
     plateaued,
@@ -185,6 +189,30 @@ def test_paired_steps_count_a_target_never_reached_as_a_loss():
     rows = seed_rows("steps_to_95", {"mae": [500, 500], "scratch": [400, 400]})
     (effect,) = paired_effects(rows, "mae", "scratch", "steps_to_95")
     assert effect["mean_diff"] == 100 and [effect[k] for k in ("ci_low", "t_low", "t_p")] == [None] * 3
+
+
+def test_dice_summary_table_against_hand_worked_numbers():
+    """Catches the bootstrap interval in place of the t interval (tried: ``ci_low``/``ci_high``:
+    [+0.100, +0.200]), a difference put under another comparison's column (tried: iterating
+    ``COMPARISONS`` reversed) and a missing arm not shown as such (tried: dropping absent cells, which
+    shifts the row). By hand, 2 seeds: mae 0.80 / 0.90, mae_short 0.75 / 0.80, scratch 0.70 / 0.70;
+    mae - scratch differences 0.10, 0.20: mean 0.15, s = 0.0707, s / sqrt(2) = 0.05, t(0.975, 1) =
+    12.706 (table), interval 0.15 -+ 0.635; the other two differences 0.05, 0.10: 0.075 -+ 0.318."""
+    dice = {"mae": [0.80, 0.90], "mae_short": [0.75, 0.80], "scratch": [0.70, 0.70]}
+    rows = seed_rows("test_dice_mean", dice)
+    rows += seed_rows("test_dice_mean", {"mae": [0.83], "scratch": [0.80]}, labeled=16)
+    comparisons = [("mae", "scratch"), ("mae_short", "scratch"), ("mae", "mae_short")]
+    effects = [{**e, "metric": "test_dice_mean"} for a, b in comparisons for e in paired_effects(rows, a, b)]
+    header, rule, two, sixteen = dice_summary_table(rows, effects)
+    assert header == (
+        "| labeled | mae | mae_short | scratch | mae - scratch | mae_short - scratch | mae - mae_short |"
+    )
+    assert rule == "|---" * 7 + "|"
+    assert two == (
+        "| 2 | 0.850 ± 0.071 | 0.775 ± 0.035 | 0.700 ± 0.000 | +0.150 [-0.485, +0.785] (2 of 2) | "
+        "+0.075 [-0.243, +0.393] (2 of 2) | +0.075 [-0.243, +0.393] (2 of 2) |"
+    )
+    assert sixteen == "| 16 | 0.830 | n/a | 0.800 | +0.030 (1 of 1) | n/a | n/a |"
 
 
 def test_what_five_seeds_support_in_numbers_and_strict_json():

@@ -18,6 +18,7 @@ from .study_report import (
     cell,
     effects_table,
     how_much_this_supports,
+    interval,
     strict_json,
     write_outputs,
 )
@@ -86,6 +87,31 @@ def with_compute(rows: list[dict], pretrained: dict, flops: dict) -> list[dict]:
     return out
 
 
+def dice_summary_table(rows: list[dict], effects: list[dict]) -> list[str]:
+    """Markdown rows of the study's answer in one table: per labeled count, each arm's test Dice (mean
+    ± std over seeds) and the paired test-Dice differences of ``COMPARISONS`` (mean, t 95% interval,
+    seeds on which the first arm did better, of the seeds paired)."""
+    dice = {(s["labeled"], s["arm"]): cell(s["test_dice_mean"]) for s in arm_summary(rows)}
+    paired = {(e["labeled"], e["comparison"]): e for e in effects if e["metric"] == "test_dice_mean"}
+    names = [f"{a} - {b}" for a, b in COMPARISONS]
+
+    def difference(effect: dict | None) -> str:
+        if effect is None or effect["mean_diff"] is None:
+            return "n/a"
+        spread = "" if effect["t_low"] is None else " " + interval(effect["t_low"], effect["t_high"], 3)
+        return f"{effect['mean_diff']:+.3f}{spread} ({effect['wins']} of {effect['n_seeds']})"
+
+    lines = [
+        "| labeled | " + " | ".join((*CONVERGED_ARMS, *names)) + " |",
+        "|---" * (1 + len(CONVERGED_ARMS) + len(names)) + "|",
+    ]
+    for labeled in sorted({r["labeled"] for r in rows}):
+        cells = [dice.get((labeled, arm), "n/a") for arm in CONVERGED_ARMS]
+        cells += [difference(paired.get((labeled, name))) for name in names]
+        lines.append(f"| {labeled} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def converged_outputs(
     config: StudyConfig, out: Path, rows: list[dict]
 ) -> tuple[list[dict], dict, dict[str, Path]]:
@@ -132,6 +158,14 @@ def converged_report(
         f"{choices['scratch_max_steps']}), scored at its best-validation checkpoint. Validation on "
         f"{rows[0]['val_cases']} fixed cases, test on {rows[0]['test_cases']} (split seed "
         f"{config.split_seed}).",
+        "",
+        "## Test Dice",
+        "",
+        "Mean ± std over seeds; differences paired by seed: mean, t 95% interval, and on how many of the "
+        'paired seeds the first arm did better (bootstrap intervals and p under "Paired differences '
+        'over seeds").',
+        "",
+        *dice_summary_table(rows, effects),
         "",
         "## Choices (validation Dice only)",
         "",

@@ -210,7 +210,8 @@ def cell(pair: tuple[float, float], digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _interval(low: float | None, high: float | None, digits: int) -> str:
+def interval(low: float | None, high: float | None, digits: int) -> str:
+    """A table cell of a 95% interval, signed: "[-0.010, +0.030]"; "n/a" without one."""
     return "n/a" if low is None or high is None else f"[{low:+.{digits}f}, {high:+.{digits}f}]"
 
 
@@ -231,8 +232,8 @@ def effects_table(effects: list[dict], with_metric: bool = False) -> list[str]:
         mean = "n/a" if e["mean_diff"] is None else f"{e['mean_diff']:+.{digits}f}"
         p_value = "n/a" if e["t_p"] is None else f"{e['t_p']:.3f}"
         bootstrap, t = (
-            _interval(e["ci_low"], e["ci_high"], digits),
-            _interval(e["t_low"], e["t_high"], digits),
+            interval(e["ci_low"], e["ci_high"], digits),
+            interval(e["t_low"], e["t_high"], digits),
         )
         lines.append(
             (f"| {e['metric']} " if with_metric else "")
