@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The study at converged budgets (issue 17) on Task04_Hippocampus, on a GPU or, in chunks, on CPUs:
 #   OMP_NUM_THREADS=1 NUM_WORKERS=0 JOBS=2 HOURS=2.5 bash results/hippocampus_study_converged/run.sh
+#   (BY_ARM=1: one process per arm rather than per labeled count, for the last arms; see step 2)
 # Rerun the whole script to resume: every finished pretraining, tuning run and arm is kept (its
 # pretrain.json / result.json), an interrupted one continues from its last checkpoint, and each call
 # stops after HOURS hours (default 1.8): no new run starts and a run in progress pauses at its next
@@ -61,14 +62,30 @@ fi
 
 # 2. The arms (mae, mae_short, scratch x 5 seeds), one process per labeled count, JOBS of them at a
 #    time (all six side by side on one GPU); they share only the finished pretraining and tuning runs.
-for K in 1 2 4 8 16 all; do
-    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done # a failed count must not orphan the rest
-    # what is left of this call's HOURS (a later labeled count gets no fresh budget of its own)
+#    BY_ARM=1: one process per unfinished arm instead (one_arm.py), so that the last arms of one
+#    labeled count train side by side rather than one after another.
+launch() { # launch LOG COMMAND...: in the background, JOBS at a time, within what is left of HOURS
+    local log=$1
+    shift
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done # a failed run must not orphan the rest
+    # what is left of this call's HOURS (a later run gets no fresh budget of its own)
     left=$(python3 -c "print(round($HOURS - $SECONDS / 3600, 3))")
     if python3 -c "import sys; sys.exit(not $left > 0.05)"; then
-        maeformer study "${COMMON[@]}" --max-hours "$left" --labeled "$K" --report-dir "$OUT/report-$K" \
-            >> "$OUT/arms-$K.log" 2>&1 &
+        "$@" --max-hours "$left" >>"$log" 2>&1 &
     fi
+}
+for K in 1 2 4 8 16 all; do
+    if [ -z "${BY_ARM:-}" ]; then
+        launch "$OUT/arms-$K.log" maeformer study "${COMMON[@]}" --labeled "$K" --report-dir "$OUT/report-$K"
+        continue
+    fi
+    for S in 0 1 2 3 4; do
+        for ARM in mae mae_short scratch; do
+            [ -f "$OUT/runs/labeled-$K/seed-$S/$ARM/result.json" ] && continue
+            launch "$OUT/arms-$K-seed-$S-$ARM.log" python3 "$REPORT/one_arm.py" "$S" "$ARM" study "${COMMON[@]}" \
+                --labeled "$K" --report-dir "$OUT/report-$K-seed-$S-$ARM"
+        done
+    done
 done
 wait
 
