@@ -3,10 +3,10 @@
 # that run.sh resumes where the records end:
 #   OMP_NUM_THREADS=1 bash results/hippocampus_study_converged/restore.sh
 # 1. The frozen code: the library at the commit the study runs on (the last chunk's line in
-#    partial/machine.txt) into $OUT/code, as run.sh's first chunk made it.
+#    records/machine.txt) into $OUT/code, as run.sh's first chunk made it.
 # 2. The records of every finished tuning run and arm (their result.json: run.sh skips them), the
 #    tuning record, the choices and the counted FLOPs.
-# 3. The pretrainings: their committed encoders where snapshot.sh saved them (partial/pretrain/*/);
+# 3. The pretrainings: their committed encoders where snapshot.sh saved them (records/pretrain/*/);
 #    otherwise each is rerun with the frozen code (the long one beside the two short ones, one process
 #    per core) and checked against its committed loss log: the rerun must log the same loss at every
 #    logged step, or the script stops with the difference, since the arms still to run must start
@@ -17,7 +17,7 @@
 set -euo pipefail
 DATA=${DATA:-../shared/data/Task04_Hippocampus}
 OUT=${OUT:-runs/hippocampus_study_converged}
-RECORDS=results/hippocampus_study_converged/partial
+RECORDS=results/hippocampus_study_converged/records
 HERE=results/hippocampus_study_converged
 # Steps 1 and 2 only where the work folder has no study yet; rerunning resumes step 3.
 if [ ! -e "$OUT/choices.json" ]; then
