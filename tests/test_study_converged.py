@@ -29,7 +29,12 @@ from maeformer_fast.train.study_protocol import (
     scratch_max_steps,
     step_flops,
 )
-from maeformer_fast.train.study_report import how_much_this_supports, paired_effects, strict_json
+from maeformer_fast.train.study_report import (
+    arm_summary,
+    how_much_this_supports,
+    paired_effects,
+    strict_json,
+)
 
 from .test_study import recomputed_test_dice
 
@@ -203,7 +208,7 @@ def test_dice_summary_table_against_hand_worked_numbers():
     rows += seed_rows("test_dice_mean", {"mae": [0.83], "scratch": [0.80]}, labeled=16)
     comparisons = [("mae", "scratch"), ("mae_short", "scratch"), ("mae", "mae_short")]
     effects = [{**e, "metric": "test_dice_mean"} for a, b in comparisons for e in paired_effects(rows, a, b)]
-    header, rule, two, sixteen = dice_summary_table(rows, effects)
+    header, rule, two, sixteen = dice_summary_table(arm_summary(rows), effects)
     assert header == (
         "| labeled | mae | mae_short | scratch | mae - scratch | mae_short - scratch | mae - mae_short |"
     )

@@ -87,11 +87,11 @@ def with_compute(rows: list[dict], pretrained: dict, flops: dict) -> list[dict]:
     return out
 
 
-def dice_summary_table(rows: list[dict], effects: list[dict]) -> list[str]:
+def dice_summary_table(summary: list[dict], effects: list[dict]) -> list[str]:
     """Markdown rows of the study's answer in one table: per labeled count, each arm's test Dice (mean
-    ± std over seeds) and the paired test-Dice differences of ``COMPARISONS`` (mean, t 95% interval,
-    seeds on which the first arm did better, of the seeds paired)."""
-    dice = {(s["labeled"], s["arm"]): cell(s["test_dice_mean"]) for s in arm_summary(rows)}
+    ± std over seeds, from ``arm_summary``) and the paired test-Dice differences of ``COMPARISONS``
+    (mean, t 95% interval, seeds on which the first arm did better, of the seeds paired)."""
+    dice = {(s["labeled"], s["arm"]): cell(s["test_dice_mean"]) for s in summary}
     paired = {(e["labeled"], e["comparison"]): e for e in effects if e["metric"] == "test_dice_mean"}
     names = [f"{a} - {b}" for a, b in COMPARISONS]
 
@@ -105,7 +105,7 @@ def dice_summary_table(rows: list[dict], effects: list[dict]) -> list[str]:
         "| labeled | " + " | ".join((*CONVERGED_ARMS, *names)) + " |",
         "|---" * (1 + len(CONVERGED_ARMS) + len(names)) + "|",
     ]
-    for labeled in sorted({r["labeled"] for r in rows}):
+    for labeled in sorted({s["labeled"] for s in summary}):
         cells = [dice.get((labeled, arm), "n/a") for arm in CONVERGED_ARMS]
         cells += [difference(paired.get((labeled, name))) for name in names]
         lines.append(f"| {labeled} | " + " | ".join(cells) + " |")
@@ -146,6 +146,7 @@ def converged_report(
 ) -> str:
     """report.md of the converged study: protocol, choices, pretraining, arms, effects, compute."""
     choices, flops = context["choices"], context["flops"]
+    summary = arm_summary(rows)  # mean ± std per (labeled count, arm): the summary table and the arms table
     lines = [
         "# The study at converged budgets: MAE (long, short pretraining) vs scratch",
         "",
@@ -165,7 +166,7 @@ def converged_report(
         'paired seeds the first arm did better (bootstrap intervals and p under "Paired differences '
         'over seeds").',
         "",
-        *dice_summary_table(rows, effects),
+        *dice_summary_table(summary, effects),
         "",
         "## Choices (validation Dice only)",
         "",
@@ -230,7 +231,7 @@ def converged_report(
         "| total wall (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for s in arm_summary(rows):
+    for s in summary:
         lines.append(
             f"| {s['labeled']} | {s['arm']} | {s['n_seeds']} | {cell(s['test_dice_mean'])} | "
             f"{cell(s['ext_test_dice_mean'])} | {cell(s['best_val_dice'])} | {cell(s['best_step'], 0)} | "

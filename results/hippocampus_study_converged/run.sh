@@ -25,7 +25,8 @@ NUM_WORKERS=${NUM_WORKERS:-2}
 JOBS=${JOBS:-6}
 # An external labeled folder to score every arm's selected model on as well (optional).
 EXTRA=(${TEST_DATA:+--test-data "$TEST_DATA"})
-COMMON=(--protocol converged --data "$DATA" --out "$OUT" --seeds 5
+SEEDS=5
+COMMON=(--protocol converged --data "$DATA" --out "$OUT" --seeds "$SEEDS"
         --pretrain-steps 20000 --short-fraction 0.1 --flatten-tolerance 0.01
         --finetune-max-steps 8000 --val-every 100 --max-val-cases 10
         --plateau-patience 10 --plateau-min-delta 0.005 --plateau-min-steps 1000
@@ -79,7 +80,7 @@ for K in 1 2 4 8 16 all; do
         launch "$OUT/arms-$K.log" maeformer study "${COMMON[@]}" --labeled "$K" --report-dir "$OUT/report-$K"
         continue
     fi
-    for S in 0 1 2 3 4; do
+    for ((S = 0; S < SEEDS; S++)); do
         for ARM in mae mae_short scratch; do
             [ -f "$OUT/runs/labeled-$K/seed-$S/$ARM/result.json" ] && continue
             launch "$OUT/arms-$K-seed-$S-$ARM.log" python3 "$REPORT/one_arm.py" "$S" "$ARM" study "${COMMON[@]}" \
