@@ -117,9 +117,11 @@ def test_short_finetune_reaches_non_trivial_dice_and_predicts_in_source_geometry
     config = FinetuneConfig(data=str(phantom_dataset), out=str(tmp_path / "ft"), steps=120, val_every=60,
                             num_workers=0, progress=False, max_val_cases=2, evaluate_test=False)  # fmt: skip
     result = finetune(config)
-    # An all-background predictor scores 0; 120 CPU steps on these small phantoms reach about 0.18 mean
-    # foreground Dice (seed 0: 0.181), the bound leaves room for other CPUs' arithmetic.
-    assert result.best_val_dice > 0.12, result.curve
+    # Measured mean foreground Dice after 120 steps (seed 0): 0.181 on torch 2.13, 0.108 on torch 2.11
+    # (other arithmetic, same random draws); seeds 1-3 gave 0.088-0.316. The untrained model (lr 1e-12)
+    # scores 0.028 (torch 2.11) and 0.049 (2.13) at seed 0, 0.033-0.063 at seeds 1-3: the bound sits
+    # between the two, about 1.45x from the nearest seed-0 value on either side.
+    assert result.best_val_dice > 0.075, result.curve
     assert [step for step, _ in result.curve] == [60, 120]
 
     import nibabel as nib

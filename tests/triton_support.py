@@ -22,12 +22,36 @@ needs_triton = pytest.mark.skipif(
 )
 
 
+def interpreter_clash(triton_version: str, numpy_version: str) -> str | None:
+    """Why Triton's interpreter cannot run the kernels with these versions, or None.
+
+    Triton 3.6 and older hand a kernel's scalar arguments to the interpreter as 1-element numpy arrays,
+    and a loop ``range(0, n, BLOCK)`` over one needs ``int()`` of it, which numpy 2.4 refuses (checked:
+    triton 3.6.0 with numpy 2.4.6 fails every kernel with a runtime loop bound; 3.6.0 with numpy 2.3.5
+    and 3.7.0 with 2.4.6 run them). torch 2.11 pins triton 3.6.0.
+    """
+    from packaging.version import Version
+
+    if Version(triton_version) < Version("3.7") and Version(numpy_version) >= Version("2.4"):
+        return (
+            f"Triton {triton_version}'s interpreter cannot run kernels under numpy {numpy_version} "
+            '(it fails with "only 0-dimensional arrays can be converted to Python scalars"): '
+            "pip install 'numpy<2.4', or a triton >= 3.7 where your torch allows it"
+        )
+    return None
+
+
 def run_triton_tests_in_interpreter(path: str) -> None:
     """Run the ``test_triton_`` tests of the file at ``path`` in a child pytest under the interpreter;
-    fail with its output if any fails or is skipped."""
+    fail with its output if any fails or is skipped, and up front where the interpreter cannot run."""
     if TRITON_HERE:
         pytest.skip("the Triton tests run in this process")
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
+    import numpy as np
+
+    clash = interpreter_clash(triton.__version__, np.__version__)
+    if clash:
+        pytest.fail(clash)
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", path]
     result = subprocess.run(
