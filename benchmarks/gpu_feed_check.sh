@@ -66,6 +66,7 @@ limited loaders 90 "${cli[@]}" bench --loader --data "$data" "${setting[@]}" "$c
 # 3. One table.
 {
     echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo "$device")"
+    echo "software: $(python -c 'import numpy, torch, triton; print(f"torch {torch.__version__}, Triton {triton.__version__}, numpy {numpy.__version__}")' 2>&1 | tail -1)"
     cat "$scratch/status"
     python benchmarks/feed_table.py "$out/rows.jsonl" "$out/loaders.jsonl" "$out/pretrain_log.csv"
 } | tee "$out/feed.txt"
