@@ -61,7 +61,7 @@ background() { # NAME COMMAND...: run in the background (niced by $NICE) until w
 }
 
 status_file=$logs/status log_file=$out/bench.log
-source benchmarks/gpu_limited.sh # limited NAME LIMIT COMMAND...
+source benchmarks/gpu_limited.sh # limited NAME LIMIT COMMAND..., software_versions
 
 measure() { # NAME LIMIT ARGS...: one `maeformer bench` (limited), its rows into rows.jsonl
     local name=$1 limit=$2
@@ -108,7 +108,7 @@ cat "$logs"/warm_*.log >"$out/warm.log" 2>/dev/null
 cat "$logs"/kernel_tests.log "$logs"/captured_step_test.log >"$out/tests.log" 2>/dev/null
 {
     echo "GPU: $(cat "$logs/gpu")"
-    echo "software: $(python -c 'import numpy, torch, triton; print(f"torch {torch.__version__}, Triton {triton.__version__}, numpy {numpy.__version__}")' 2>&1 | tail -1)"
+    echo "software: $(software_versions)"
     cat "$logs/status"
     for name in kernel_tests captured_step_test; do
         echo "$name: $(grep -E '(passed|failed|error|no tests ran)' "$logs/$name.log" | tail -1)"

@@ -44,7 +44,7 @@ cli=(python -m maeformer_fast.cli) # `maeformer`, installed or not
 setting=(--model small --batch-size "$batch" --device "$device" --precision "${PRECISION:-bf16}")
 quiet=(--no-progress --log-every 10 --checkpoint-every 1000000 --preview-every 1000000)
 status_file=$scratch/status log_file=$log min_limit=15
-source benchmarks/gpu_limited.sh # limited NAME LIMIT COMMAND...
+source benchmarks/gpu_limited.sh # limited NAME LIMIT COMMAND..., software_versions
 
 # 1. Warm-ups, in parallel: the random-tensor steps, and a short real run (preprocessing included).
 (timeout "$warm_until" "${cli[@]}" bench "${setting[@]}" --cases sparse,dense --modes "$modes" --seconds 0 \
@@ -66,7 +66,7 @@ limited loaders 90 "${cli[@]}" bench --loader --data "$data" "${setting[@]}" "$c
 # 3. One table.
 {
     echo "device: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo "$device")"
-    echo "software: $(python -c 'import numpy, torch, triton; print(f"torch {torch.__version__}, Triton {triton.__version__}, numpy {numpy.__version__}")' 2>&1 | tail -1)"
+    echo "software: $(software_versions)"
     cat "$scratch/status"
     python benchmarks/feed_table.py "$out/rows.jsonl" "$out/loaders.jsonl" "$out/pretrain_log.csv"
 } | tee "$out/feed.txt"
