@@ -486,3 +486,34 @@ def test_progress_report_of_finished_and_running_runs(tmp_path):
     assert arm_rows == ["| labeled-2/seed-1/scratch", "| labeled-10/seed-0/mae", "| labeled-all/seed-0/mae"]
     assert "None fixed yet" in text
     assert result.files["tuning_plot"].stat().st_size > 0
+
+
+def test_scratch_coordinate_search_on_hand_made_scores():
+    """The scratch search: learning rates at the MAE warmup (the old runs' names, so they are not run
+    again), then warmups at the best lr, then weight decays at the best of both; a recipe already run
+    is not run twice. Validation Dice made up per run name; the best recipe worked out by hand.
+    Mutations caught: the later knobs searched at the base lr instead of the best so far (lr 2e-2's
+    runs never appear); the base warmup's run of the warmup knob run again (three warmup runs)."""
+    from types import SimpleNamespace
+
+    scores = {
+        "scratch_lr-0.005": 0.79, "scratch_lr-0.01": 0.80, "scratch_lr-0.02": 0.78,
+        "scratch_lr-0.01_wu-100": 0.81,
+        "scratch_lr-0.01_wu-100_wd-0.05": 0.805,
+    }  # fmt: skip
+    ran: list[list[str]] = []
+
+    def run_trials(batch):
+        ran.append([t.name for t in batch])
+        return [scores[t.name] for t in batch]
+
+    config = StudyConfig(data="d", out="o", tune_scratch_lrs="5e-3,1e-2,2e-2",
+                         tune_scratch_warmups="1000,100", tune_scratch_weight_decays="0.01,0.05")  # fmt: skip
+    run = SimpleNamespace(config=config, stop=None, run_trials=run_trials)
+    best = study_converged.tune_scratch(run, 9000, {"num_stages": 3}, warmup=1000)
+    assert ran == [
+        ["scratch_lr-0.005", "scratch_lr-0.01", "scratch_lr-0.02"],
+        ["scratch_lr-0.01_wu-100"],
+        ["scratch_lr-0.01_wu-100_wd-0.05"],
+    ]
+    assert best == {"lr_schedule": "constant", "lr": 0.01, "warmup_steps": 100, "weight_decay": 0.01}

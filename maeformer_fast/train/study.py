@@ -86,6 +86,8 @@ class StudyConfig:
     tune_layer_decays: str = "1.0,0.75"
     tune_freeze_steps: str = "0,500"
     tune_scratch_lrs: str = "2e-4,5e-4,1e-3,2e-3,3e-3,5e-3"
+    tune_scratch_warmups: str = ""  # empty: the warmup the MAE search picks, not searched
+    tune_scratch_weight_decays: str = ""  # empty: fine-tuning's default, not searched
     jobs: int = 1  # converged: tuning runs trained at once, each in its own process
     model_overrides: dict = field(default_factory=dict)  # Python API only (e.g. a tiny model in tests)
 
@@ -476,6 +478,10 @@ STUDY_HELP = {
     "tune_layer_decays": "converged: layer-wise lr decays tried for the MAE encoder",
     "tune_freeze_steps": "converged: steps the MAE encoder stays frozen, tried",
     "tune_scratch_lrs": "converged: scratch learning rates tried (as many as the MAE recipe search runs)",
+    "tune_scratch_warmups": "converged: scratch warmups tried after its learning rate, by the same "
+    "coordinate search as MAE's (empty: the warmup the MAE search picks)",
+    "tune_scratch_weight_decays": "converged: scratch AdamW weight decays tried after its warmup; the first "
+    "is the base (empty: fine-tuning's default)",
     "jobs": "converged: tuning runs that do not depend on each other (the pretexts, one knob's values, "
     "the scratch lrs) trained at once, each in its own process (e.g. one per CPU core, with "
     "OMP_NUM_THREADS=1)",
@@ -494,7 +500,8 @@ def cmd_study(args: argparse.Namespace) -> int:
         print(f"study {done} in {result.wall_time_s:.0f} s ({len(result.rows)} arm runs)")
     for key, path in result.files.items():
         print(f"{key}: {path}")
-    return 0
+    # 75 (EX_TEMPFAIL): stopped by --max-hours, to be rerun; scripts that run it in chunks read this.
+    return 0 if config.report_only or result.complete else 75
 
 
 def add_study_command(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

@@ -19,7 +19,8 @@ stops the study cleanly anywhere (no new run starts, a run in progress pauses at
    pretraining budget in whichever currency gives more steps.
 4. Recipes, chosen on validation Dice only: for the MAE encoder a coordinate search over lr, warmup,
    layer-wise lr decay and encoder freezing (each knob in turn, the others at their best so far);
-   scratch tries as many learning rates (``tune_scratch_lrs``) as the MAE search ran recipes.
+   scratch by the same search over its learning rate (``tune_scratch_lrs``) and, where given, its
+   warmup and weight decay (``tune_scratch_warmups``, ``tune_scratch_weight_decays``).
 5. Arms per seed and labeled count: ``mae`` (long pretraining), ``mae_short`` and ``scratch``, each
    until its validation Dice has plateaued (``study_protocol.plateaued``: no gain above
    ``plateau_min_delta`` over the last ``plateau_patience`` validations, not before
@@ -38,6 +39,7 @@ import functools
 import json
 import multiprocessing
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -215,6 +217,23 @@ def choose_pretext(run: Converged) -> tuple[int, float]:
     return max(candidates, key=lambda c: scores[c])  # ties: the first listed
 
 
+def coordinate_search(
+    run: Converged, knobs: dict[str, list], best: dict, trial: Callable[[str, dict], Trial]
+) -> dict:
+    """Coordinate search on validation Dice: each knob in turn over its values, the others at their best
+    so far; ``trial(knob, recipe)`` makes the tuning run of a recipe. A recipe already run (same trial
+    name) is not run again. Returns the best recipe (ties: the first run)."""
+    scores: dict[str, tuple[float, dict]] = {}
+    for knob, values in knobs.items():
+        # One knob's values do not depend on each other: they run as one batch (in parallel with jobs).
+        trials = {t.name: t for t in (trial(knob, {**best, knob: value}) for value in values)}
+        batch = [t for name, t in trials.items() if name not in scores]
+        for t, score in zip(batch, run.run_trials(batch)):
+            scores[t.name] = (score, t.params)
+        best = max(scores.values(), key=lambda item: item[0])[1]
+    return best
+
+
 def tune_mae(run: Converged, encoder: str, overrides: dict) -> dict:
     """Coordinate search of the MAE fine-tuning recipe on validation Dice; returns the best recipe."""
     config = run.config
@@ -224,32 +243,44 @@ def tune_mae(run: Converged, encoder: str, overrides: dict) -> dict:
         "layer_decay": parse_list(config.tune_layer_decays),
         "freeze_encoder_steps": parse_list(config.tune_freeze_steps, int),
     }
-    best, scores = base_recipe(config), {}
-    for knob, values in knobs.items():
-        # One knob's values do not depend on each other: they run as one batch (in parallel with jobs).
-        recipes = {recipe_name(r): r for r in ({**best, knob: value} for value in values)}
-        new = {name: recipe for name, recipe in recipes.items() if name not in scores}
-        batch = []
-        for name, recipe in new.items():
-            spec = ArmSpec(encoder, config.finetune_max_steps, {**recipe, "model_overrides": overrides},
-                           run.stop, evaluate_test=False)  # fmt: skip
-            batch.append(Trial("mae_recipe", f"mae_{name}", spec, recipe))
-        for (name, recipe), score in zip(new.items(), run.run_trials(batch)):
-            scores[name] = (score, recipe)
-        best = max(scores.values(), key=lambda item: item[0])[1]  # ties: the first run
-    return best
+
+    def trial(knob: str, recipe: dict) -> Trial:
+        spec = ArmSpec(encoder, config.finetune_max_steps, {**recipe, "model_overrides": overrides},
+                       run.stop, evaluate_test=False)  # fmt: skip
+        return Trial("mae_recipe", f"mae_{recipe_name(recipe)}", spec, recipe)
+
+    return coordinate_search(run, knobs, base_recipe(config), trial)
 
 
-def tune_scratch(run: Converged, max_steps: int, overrides: dict, warmup: int) -> float:
-    """The scratch learning rate with the best validation Dice."""
-    lrs = parse_list(run.config.tune_scratch_lrs)
-    batch = []
-    for lr in lrs:
-        recipe = {"lr_schedule": LR_SCHEDULE, "lr": lr, "warmup_steps": warmup, "model_overrides": overrides}
-        spec = ArmSpec(None, max_steps, recipe, run.stop, evaluate_test=False)
-        batch.append(Trial("scratch_lr", f"scratch_lr-{lr:g}", spec, {"lr": lr}))
-    scores = dict(zip(lrs, run.run_trials(batch)))
-    return max(lrs, key=scores.get)  # ties: the first listed
+def tune_scratch(run: Converged, max_steps: int, overrides: dict, warmup: int) -> dict:
+    """The scratch recipe with the best validation Dice, by the same coordinate search as MAE's: its
+    learning rate (``tune_scratch_lrs``) at the MAE search's ``warmup``, then, where given, its warmup
+    (``tune_scratch_warmups``) and weight decay (``tune_scratch_weight_decays``, the first the base).
+
+    A run's name adds ``_wu-`` / ``_wd-`` only where it differs from that base, so the learning-rate
+    runs keep the names of the study's first search (which tried learning rates only) and are not run
+    again."""
+    config = run.config
+    weight_decays = parse_list(config.tune_scratch_weight_decays)
+    base = {"lr_schedule": LR_SCHEDULE, "lr": 0.0, "warmup_steps": warmup}
+    knobs = {"lr": parse_list(config.tune_scratch_lrs)}
+    if config.tune_scratch_warmups:
+        knobs["warmup_steps"] = parse_list(config.tune_scratch_warmups, int)
+    if weight_decays:
+        base["weight_decay"] = weight_decays[0]
+        knobs["weight_decay"] = weight_decays
+
+    def trial(knob: str, recipe: dict) -> Trial:
+        name = f"scratch_lr-{recipe['lr']:g}"
+        if recipe["warmup_steps"] != warmup:
+            name += f"_wu-{recipe['warmup_steps']}"
+        if recipe.get("weight_decay", base.get("weight_decay")) != base.get("weight_decay"):
+            name += f"_wd-{recipe['weight_decay']:g}"
+        recipe_here = {**recipe, "model_overrides": overrides}
+        spec = ArmSpec(None, max_steps, recipe_here, run.stop, evaluate_test=False)
+        return Trial("scratch_lr" if knob == "lr" else "scratch_recipe", name, spec, recipe)
+
+    return coordinate_search(run, knobs, base, trial)
 
 
 def count_flops(run: Converged, stages: int, ratio: float) -> dict:
@@ -302,7 +333,7 @@ def run_converged(
             config.finetune_max_steps, config.pretrain_steps, flops["pretrain_step"], flops["finetune_step"]
         )
         recipe = tune_mae(run, long["encoder_path"], overrides)
-        scratch_lr = tune_scratch(run, scratch_max, overrides, recipe["warmup_steps"])
+        scratch_recipe = tune_scratch(run, scratch_max, overrides, recipe["warmup_steps"])
         atomic_write_text(
             out / "choices.json",
             json.dumps(
@@ -311,7 +342,8 @@ def run_converged(
                     "mask_ratio": ratio,
                     "mask_units": mask_units(config.model, overrides, run.crop),
                     "mae_recipe": recipe,
-                    "scratch_lr": scratch_lr,
+                    "scratch_lr": scratch_recipe["lr"],
+                    "scratch_recipe": scratch_recipe,
                     "scratch_max_steps": scratch_max,
                     "short_steps": run.short_steps,
                 },
@@ -334,12 +366,7 @@ def run_converged(
             "scratch": ArmSpec(
                 None,
                 scratch_max,
-                {
-                    "lr_schedule": LR_SCHEDULE,
-                    "lr": scratch_lr,
-                    "warmup_steps": recipe["warmup_steps"],
-                    "model_overrides": overrides,
-                },
+                {**scratch_recipe, "model_overrides": overrides},
                 run.stop,
             ),
         }
