@@ -24,9 +24,9 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from maeformer_fast.bench.steps import training_step
 from maeformer_fast.models import blocks, plan
-from maeformer_fast.train.bench import training_step
-from maeformer_fast.train.study_protocol import encoder_overrides
+from maeformer_fast.study.protocol import encoder_overrides
 
 CROP = (32, 48, 32)
 

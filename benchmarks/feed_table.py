@@ -78,7 +78,7 @@ def feed_lines(rows: list[dict], loaders: list[dict], real: tuple[float, int] | 
 
 
 def main(argv: list[str]) -> int:
-    from maeformer_fast.train.bench_table import format_table
+    from maeformer_fast.bench.table import format_table
 
     rows_path, loaders_path, log_path = map(Path, argv)
     rows = read_jsonl(rows_path)

@@ -3,7 +3,7 @@
 # captured-step test on the GPU, then `maeformer bench` -- the command users run -- for the sparse vs
 # dense MAE steps (Synapse crop 64x128x128 at batch 8 and 2) and the fine-tuning step (Synapse, batch 2), bf16, eager / compiled / captured (compiled + CUDA graphs), each
 # with ms/step, launches and kernels per step, MFU and peak memory; and, where the official model files
-# travel in runs/official_nnformer (carry it; README says how to extract them), the captured fine-tuning
+# travel in runs/official_nnformer (carry it; benchmarks/README.md says how to extract them), the captured fine-tuning
 # step against the official nnFormer's (benchmarks/official_step.py --compile, Synapse, batch 2).
 #
 #   OUT=/some/folder bash benchmarks/gpu_check.sh      # on a CUDA machine, from the repository root
@@ -72,9 +72,9 @@ measure() { # NAME LIMIT ARGS...: one `maeformer bench` (limited), its rows into
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$logs/gpu" 2>&1
 
 # 1. The GPU tests (at full priority) and the compile warm-ups, all at once.
-background kernel_tests python -m pytest -q -p no:cacheprovider tests/test_sparse_conv.py \
-    tests/test_sparse_encoder.py tests/test_window_attention.py -k "triton and not in_interpreter"
-background captured_step_test python -m pytest -q -p no:cacheprovider tests/test_captured_step.py
+background kernel_tests python -m pytest -q -p no:cacheprovider tests/ops/test_sparse_conv.py \
+    tests/models/test_sparse_encoder.py tests/ops/test_window_attention.py -k "triton and not in_interpreter"
+background captured_step_test python -m pytest -q -p no:cacheprovider tests/train/test_captured_step.py
 export NICE=5 TORCHINDUCTOR_COMPILE_THREADS=4 # eight compiling processes share 16 cores
 warm=("${bench[@]}" --seconds 0)
 background warm_b8_sparse "${warm[@]}" "${synapse[@]}" --batch-size 8 --cases sparse --modes captured,compiled

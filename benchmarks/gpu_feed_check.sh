@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The small config on a CUDA machine, the second device call of a GPU session (about 5 minutes, right
 # after gpu_check.sh, whose warm-ups filled the compile caches for these shapes), ending in one table:
-#  - the small config's sparse vs dense MAE steps at batch 32, eager and captured (issue 14's small
+#  - the small config's sparse vs dense MAE steps at batch 32, eager and captured (the small config's
 #    target: sparse >= 3x the captured dense step), on random tensors;
 #  - a real pretraining run (`maeformer pretrain --compile`: resident data, captured step, the loss read
 #    every 10 steps) whose steady ms/step is set against the random-tensor sparse step's; target:
-#    within 10% (issue 18);
+#    within 10%;
 #  - crops/s of each loader (`maeformer bench --loader`: worker processes, the resident volumes, the
 #    host-staged copy) next to the crops/s the captured step consumes; target: resident >= 3x the step.
 #

@@ -47,10 +47,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from maeformer_fast.info import environment_report
+from maeformer_fast.bench.steps import MASK_RATIO, measure_step, training_step
+from maeformer_fast.cli.info import environment_report
 from maeformer_fast.ops.masking import random_unit_mask
 from maeformer_fast.train import pretrain as pt
-from maeformer_fast.train.bench import MASK_RATIO, measure_step, training_step
 
 # name -> (model config, crop, batch, model overrides)
 SHAPES = {

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from maeformer_fast.ops import bias_table_size, varlen_window_attention, window_groups  # noqa: E402
-from maeformer_fast.ops.window_groups import as_triple, relative_position_index  # noqa: E402
+from maeformer_fast.ops.window_groups import relative_position_index
+from maeformer_fast.types import as_triple
 
 STAGES = {
     "stage0": {"grid": (32, 32, 32), "window": (4, 4, 4), "heads": 6},

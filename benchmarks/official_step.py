@@ -47,12 +47,12 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from maeformer_fast.device import resolve_precision, use_device
 from maeformer_fast.models import NNFormer, get_config
 from maeformer_fast.models.official import load_official
 from maeformer_fast.train.distributed import DistInfo
 from maeformer_fast.train.finetune import segmentation_loss
 from maeformer_fast.train.loop import prepare_model
-from maeformer_fast.train.runtime import resolve_precision, use_device
 
 # The official trainers' network arguments (nnFormerTrainerV2_nnformer_<config>.py; crop, channels and
 # classes from the published plans), full size.

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 
 from maeformer_fast.models import get_config
 from maeformer_fast.models.plan import UNIT_STRIDE, plan_encoder
+from maeformer_fast.ops.backend import triton_available
 from maeformer_fast.ops.masking import random_unit_mask
 from maeformer_fast.ops.sparse_conv import sparse_conv3d, transposed_table, unit_block_conv3d
-from maeformer_fast.ops.window_attention import triton_available
 
 MASK_RATIO = 0.75
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from maeformer_fast.bench.loaders import bench_loaders, limiting_verdict
 from maeformer_fast.data import ensure_preprocessed, make_phantoms
-from maeformer_fast.train.bench_loaders import bench_loaders, limiting_verdict
 
 HIPPO = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "Task04_Hippocampus"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

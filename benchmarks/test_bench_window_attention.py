@@ -19,7 +19,7 @@ import pytest
 import torch
 from gpu_window_attention import RUNNERS, build_case, make_step
 
-from maeformer_fast.ops.window_attention import triton_available
+from maeformer_fast.ops.backend import triton_available
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .batch import finish_batch
 from .cache import case_file
 from .sampling import BatchPlan, CropSampler
 
@@ -48,8 +49,6 @@ def dali_batches(
     """Infinite batches (see ``make_loader``) produced by DALI pipelines, window by window."""
     _import_dali()
     from nvidia.dali.plugin.pytorch import feed_ndarray
-
-    from .loaders import finish_batch
 
     threads = max(1, num_workers or 2)
     step = start_step

@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ops.window_groups import Triple
+from ..types import Triple
+from .batch import finish_batch
 from .cache import open_case
 from .sampling import BatchPlan, CropSampler
 
@@ -201,8 +202,6 @@ def resident_batches(
     """Infinite batches (see ``make_loader``) cut from volumes held on the training ``device`` itself,
     or (``staged``) on the host, gathered there one step ahead into (on CUDA pinned) buffers and copied
     to ``device`` on a side stream."""
-    from .loaders import finish_batch
-
     volumes = Volumes.load(sampler, labeled, torch.device("cpu") if staged else device, image_dtype)
     copy_stream = torch.cuda.Stream(device) if staged and device.type == "cuda" else None
 

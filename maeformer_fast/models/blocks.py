@@ -8,7 +8,8 @@ from torch import Tensor, nn
 from ..ops.grid_windows import from_windows, to_windows, window_mask, window_rows
 from ..ops.permute import permute_rows
 from ..ops.window_attention import attend_with_bias, varlen_window_attention
-from ..ops.window_groups import Triple, bias_table_size, official_to_correct_rows
+from ..ops.window_groups import bias_table_size, official_to_correct_rows
+from ..types import Triple
 from .tokens import GridWindows, Tokens, WindowGrouping, stage_window, windows_from_grid
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from ..ops.window_groups import Triple
+from ..types import Triple
 
 # (kernel, stride, padding) a downsampling may have along one axis (see NNFormerConfig).
 DOWNSAMPLING_AXES = ((1, 1, 0), (3, 1, 1), (3, 2, 1), (3, 2, 0))

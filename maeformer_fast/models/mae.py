@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.masking import visible_mask_grid
-from ..ops.window_groups import Triple
+from ..types import Triple
 from .config import NNFormerConfig
 from .nnformer import NNFormerEncoder, init_weights
 from .plan import EncoderPlan

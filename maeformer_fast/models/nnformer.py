@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops.sparse_conv import sparse_conv3d, unit_block_conv3d
-from ..ops.window_groups import Triple
+from ..types import Triple
 from .blocks import TransformerBlock
 from .config import NNFormerConfig
 from .plan import EncoderPlan, plan_encoder

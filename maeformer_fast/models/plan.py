@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..ops.backend import resolve_conv_backend
 from ..ops.masking import unit_corners
-from ..ops.sparse_conv import halo_index, neighbour_table, resolve_conv_backend, transposed_table, unit_lookup
-from ..ops.window_groups import Triple
+from ..ops.sparse_conv import halo_index, neighbour_table, transposed_table, unit_lookup
+from ..types import Triple
 from .config import NNFormerConfig
 from .tokens import ConvPlan, Layout, UnitLayout, windows_from_grid
 

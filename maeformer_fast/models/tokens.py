@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..ops.backend import resolve_backend
 from ..ops.memo import memoised_when_eager
-from ..ops.window_attention import resolve_backend
-from ..ops.window_groups import Triple, as_triple, window_groups
+from ..ops.window_groups import window_groups
+from ..types import Triple, as_triple
 
 
 @dataclass

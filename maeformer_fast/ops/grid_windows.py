@@ -15,8 +15,9 @@ import math
 import torch
 from torch import Tensor
 
+from ..types import Triple
 from .memo import memoised_when_eager
-from .window_groups import Triple, relative_position_index
+from .window_groups import relative_position_index
 
 
 def padded_counts(grid: Triple, window: Triple) -> tuple[Triple, Triple]:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .window_groups import Triple
+from ..types import Triple
 
 
 def num_visible_units(unit_grid: Triple, mask_ratio: float) -> int:

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .window_groups import Triple
+from ..types import Triple
 
 KERNEL_OFFSETS = 27  # 3 x 3 x 3, offsets in C order (dz, dy, dx)
-BACKENDS = ("auto", "torch", "triton")
 
 
 def _split(index: Tensor, size: Triple) -> Tensor:
@@ -239,14 +238,3 @@ def sparse_conv3d(
         features, weight = features.to(dtype), weight.to(dtype)
     bias = weight.new_zeros(weight.shape[0]) if bias is None else bias.to(weight.dtype)
     return _sparse_conv_op(features.contiguous(), table, transposed, weight, bias)
-
-
-def resolve_conv_backend(backend: str, device: torch.device) -> str:
-    """ "triton" or "torch" for a sparse conv on ``device``; "auto" is Triton on CUDA, torch elsewhere."""
-    if backend not in BACKENDS:
-        raise ValueError(f"conv backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "auto":
-        return backend
-    from .window_attention import triton_available
-
-    return "triton" if device.type == "cuda" and triton_available() else "torch"

@@ -2,7 +2,7 @@
 
 Layout: features (T_in, C_in) and outputs (T_out, C_out) row-major; ``table`` (T_out, 27) int32 holds
 the input row each output reads at each kernel offset (-1: a zero neighbour); the weight is taken as
-(27, C_in, C_out) (offset-major). See ops/README.md for the derivation.
+(27, C_in, C_out) (offset-major). See docs/kernels.md for the derivation.
 
 - Forward: ``out[t] = sum_k x[table[t, k]] @ W_k + b``. A program owns BLOCK_M outputs x BLOCK_N
   output channels and loops over the 27 offsets and the input channels: each step gathers a

@@ -16,16 +16,15 @@ Backends:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .window_groups import as_triple, relative_position_index
-
-BACKENDS = ("auto", "torch", "reference", "triton")
+from ..types import as_triple
+from .backend import resolve_backend
+from .window_groups import relative_position_index
 
 
 def window_attention_reference(
@@ -221,22 +220,6 @@ def window_attention_torch_backward(
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtable.to(bias_table.dtype)
 
 
-@torch.compiler.assume_constant_result
-def _triton_importable() -> bool:
-    # Constant for the process; the decorator lets torch.compile fold it instead of tracing an import.
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def triton_available() -> bool:
-    """Whether the Triton backend can run here: triton imports, and CUDA is present or the
-    interpreter is on (``TRITON_INTERPRET=1``, CPU tensors, fp32 only, slow)."""
-    return _triton_importable() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
-
-
 # Custom ops: torch.compile cannot trace the torch backend (its bucket sizes depend on data) nor the
 # Triton launches, so both hide behind opaque ops with fake implementations (shapes only) and an
 # autograd formula. Eager calls skip the ops: the torch backend then keeps its autograd graph instead
@@ -349,16 +332,6 @@ def window_attention_op(
         q, k, v, coords, cu_seqlens, bias_table, list(as_triple(window_size)), scale, backend
     )
     return out
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The backend that runs for ``backend`` on ``device``: "auto" is triton on CUDA (where triton
-    imports), torch elsewhere."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available() else "torch"
-    return backend
 
 
 def varlen_window_attention(

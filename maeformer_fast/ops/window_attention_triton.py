@@ -5,7 +5,7 @@ groups; ``coords`` (T, 3) are the tokens' integer positions; ``bias_table`` is (
 R = (2wz-1)(2wy-1)(2wx-1). Query i attends to the keys j of its own group with the logit
 ``scale * <q_i, k_j> + bias_table[row(c_i - c_j), h]`` (see ``window_groups.relative_position_index``).
 
-Tiling (see ops/README.md for the derivations):
+Tiling (see docs/kernels.md for the derivations):
 
 - Tokens are cut into fixed blocks of BLOCK_M queries regardless of group boundaries; a block's keys are
   the union of its queries' groups, a contiguous range ``[cu[seg(first)], cu[seg(last) + 1])``, and a
@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .window_groups import as_triple
+from ..types import as_triple
 
 LOG2E = 1.4426950408889634
 

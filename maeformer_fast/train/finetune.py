@@ -13,16 +13,18 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.cache import load_plan
+from ..device import autocast, resolve_compile
+from ..inference.evaluation import score_cases, summarise
 from ..models.config import get_config
 from ..models.nnformer import NNFormer
 from ..models.pretrained import init_from_encoder, save_segmenter
+from ..seeds import derive_seed
 from .checkpoint import CheckpointManager
 from .distributed import barrier, broadcast_from_main, mean_across_ranks
-from .evaluation import score_cases, summarise
 from .loop import Optimisation, RunConfig, compiles_optimizer_step, prepare_model, setup_run
 from .losses import deep_supervision_loss
 from .optim import make_optimizer, make_scheduler, param_groups, poly, warmup_constant, warmup_cosine
-from .runtime import CsvLog, PendingLosses, autocast, derive_seed, resolve_compile
+from .runtime import CsvLog, PendingLosses
 from .splits import make_splits
 
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 1e-3, "weight_decay": 0.01}, "sgd": {"lr": 1e-2, "weight_decay": 3e-5}}

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import os
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,12 +14,19 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..device import (
+    CompiledModel,
+    resolve_compile,
+    resolve_compile_mode,
+    resolve_precision,
+    use_device,
+    warn_eager_fallback,
+)
 from ..models.blocks import TransformerBlock
-from ..ops.window_groups import Triple
+from ..types import Triple
 from .checkpoint import CheckpointManager
 from .distributed import DistInfo, broadcast_from_main, init_distributed, no_sync, wrap_ddp
 from .optim import load_optimizer_state
-from .runtime import resolve_compile, resolve_precision, use_device
 
 
 @dataclass(frozen=True)
@@ -282,7 +287,7 @@ def prepare_model(
     result is wrapped in DDP when distributed. With ``compile_model``, ``optimisation``'s clipping and
     optimizer step are compiled too, with the same backend and mode (:meth:`Optimisation.compile_step`).
     """
-    compile_mode = resolve_compile_mode(compile_mode, device, dist_info)
+    compile_mode = resolve_compile_mode(compile_mode, device, dist_info.enabled)
     if activation_checkpointing:
         for block in (m for m in model.modules() if isinstance(m, TransformerBlock)):
             block.residual = _checkpointed(
@@ -292,49 +297,6 @@ def prepare_model(
     if compile_model and optimisation is not None:
         optimisation.compile_step(compile_backend, compile_mode)
     return wrap_ddp(train_model, dist_info, device)
-
-
-def resolve_compile_mode(mode: str | None, device: torch.device, dist_info: DistInfo) -> str | None:
-    """torch.compile's mode for ``mode``: "auto" is "reduce-overhead" (CUDA graphs) on a CUDA device in
-    a single process, else the default mode (None); any other value is taken as it is."""
-    if mode != "auto":
-        return mode
-    return "reduce-overhead" if device.type == "cuda" and not dist_info.enabled else None
-
-
-class CompiledModel(nn.Module):
-    """``model`` compiled whole; a mode (training or eval) runs eagerly (with one warning) from its first
-    compilation failure on: a missing compiler toolchain or an unsupported op must not stop a run, and
-    a validation graph that fails to compile must not turn the training step eager too.
-
-    One graph per input shape and train/eval mode (``dynamic=False``: a fixed batch, crop and mask ratio
-    give fixed shapes); DDP, when used, wraps this module, so dynamo never sees its hooks.
-    """
-
-    static_shapes = True  # callers keep input shapes fixed (sliding-window inference fills up its last batch)
-
-    def __init__(
-        self, model: nn.Module, backend: str | Callable[..., Any] = "inductor", mode: str | None = None
-    ) -> None:
-        super().__init__()
-        self.model = model
-        self.compiled = torch.compile(model, backend=backend, mode=mode, fullgraph=True, dynamic=False)
-        self.eager_modes: set[bool] = set()  # values of ``training`` whose compilation failed
-
-    @property
-    def failed(self) -> bool:
-        """Whether some mode fell back to eager."""
-        return bool(self.eager_modes)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.training not in self.eager_modes:
-            try:
-                with _backward_compiled_with_forward():
-                    return self.compiled(*args, **kwargs)
-            except Exception as error:  # backends raise many types; the eager retry re-raises real bugs
-                self.eager_modes.add(self.training)
-                _warn_eager_fallback("the model", error, "training" if self.training else "eval")
-        return self.model(*args, **kwargs)
 
 
 class CompiledOptimizerStep:
@@ -388,31 +350,11 @@ class CompiledOptimizerStep:
             if self.stepped:  # an eager retry could apply the update twice: not a compiler failure
                 raise
             self.failed = True
-            _warn_eager_fallback("the optimizer step", error)
+            warn_eager_fallback("the optimizer step", error)
             return False
         self.stepped = True
         self.optimizer._opt_called = True  # what the scheduler's wrapper of step() sets (else it warns)
         return True
-
-
-def _warn_eager_fallback(what: str, error: Exception, mode: str | None = None) -> None:
-    in_mode = f" in {mode} mode" if mode else ""
-    warnings.warn(
-        f"torch.compile of {what} failed ({type(error).__name__}: {str(error)[:500]}); continuing eagerly"
-        f"{in_mode}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
-
-
-def _backward_compiled_with_forward() -> contextlib.AbstractContextManager:
-    """AOTAutograd lowers a graph's backward at its first ``backward()`` unless told otherwise: then a
-    backend that fails only on the backward would fail outside the fallback's reach. Lower it while
-    the forward compiles (torch versions without the switch keep the lazy lowering)."""
-    config = torch._functorch.config
-    if not hasattr(config, "force_non_lazy_backward_lowering"):
-        return contextlib.nullcontext()
-    return config.patch(force_non_lazy_backward_lowering=True)
 
 
 def _checkpointed(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:

@@ -13,22 +13,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..device import autocast, resolve_compile
 from ..models.config import get_config
 from ..models.mae import MaskedAutoencoder, expand_units, patchify, unpatchify
 from ..models.pretrained import save_encoder
 from ..ops.masking import num_visible_units, visible_mask_grid
+from ..seeds import derive_seed
 from .checkpoint import CheckpointManager, unwrap
 from .distributed import barrier, mean_across_ranks
 from .loop import Optimisation, RunConfig, compiles_optimizer_step, prepare_model, setup_run
 from .optim import make_optimizer, make_scheduler, param_groups, warmup_cosine
 from .previews import save_reconstruction_png
-from .runtime import (
-    CsvLog,
-    PendingLosses,
-    autocast,
-    derive_seed,
-    resolve_compile,
-)
+from .runtime import CsvLog, PendingLosses
 
 
 @dataclass

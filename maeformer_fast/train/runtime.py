@@ -2,104 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import hashlib
 import io
 import math
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
 
 class NonFiniteLossError(RuntimeError):
     """Raised when a loss is NaN or Inf, naming the step and the cases of the batch."""
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """ "auto" -> CUDA when there is a GPU, else CPU; "cuda" without an index -> this process's GPU
-    (torchrun's LOCAL_RANK). An explicit index is taken as given, except where torchrun started
-    several processes on this machine: they would all share that one GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"--device {name}: not a device name (auto, cpu, cuda, cuda:1, ...)") from error
-    if device.type != "cuda":
-        return device
-    if device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
-        raise ValueError(
-            f"--device {name} would put every process of this machine on one GPU; under torchrun "
-            "use --device cuda (or auto): each process takes the GPU of its LOCAL_RANK"
-        )
-    return device
-
-
-def use_device(name: str = "auto") -> torch.device:
-    """:func:`pick_device`, made the current CUDA device: Triton launches and default streams follow
-    the current device, not the tensors' (``cuda:1`` in one process would launch on GPU 0)."""
-    device = pick_device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device")
-        torch.cuda.set_device(device)
-    return device
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """bf16 autocast by default on CUDA (fp16 on GPUs without native bf16), fp32 on CPU; fp16 only
-    on CUDA."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        with torch.cuda.device(device):
-            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("fp16 needs a CUDA device; use fp32 (or bf16) on CPU")
-    return precision
-
-
-# torch.compile of the whole model when ``compile`` is left at None. Off until a GPU measurement
-# (benchmarks/gpu_training.py, recorded in benchmarks/RESULTS.md) shows it faster on CUDA; on CPU it
-# only costs compilation time.
-COMPILE_BY_DEFAULT_ON_CUDA = False
-
-
-def resolve_compile(compile_model: bool | None, device: torch.device) -> bool:
-    """Whether to compile the model: as asked, else the measured default for the device."""
-    if compile_model is not None:
-        return compile_model
-    return device.type == "cuda" and COMPILE_BY_DEFAULT_ON_CUDA
-
-
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """Autocast context for a resolved precision (a no-op for fp32)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any parts (run seed, rank, step, purpose), stable across processes."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-def step_generator(device: torch.device, *parts: object) -> torch.Generator:
-    """A generator on ``device`` seeded from ``parts``: per-step randomness that survives resuming."""
-    generator = torch.Generator(device=device)
-    generator.manual_seed(derive_seed(*parts))
-    return generator
 
 
 def check_finite(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The study at converged budgets (issue 17) on Task04_Hippocampus, on a GPU or, in chunks, on CPUs:
+# The study at converged budgets on Task04_Hippocampus, on a GPU or, in chunks, on CPUs:
 #   OMP_NUM_THREADS=1 NUM_WORKERS=0 JOBS=2 HOURS=2.5 bash results/hippocampus_study_converged/run.sh
 #   (BY_ARM=1: one process per arm rather than per labeled count, for the last arms; see step 2)
 # Rerun the whole script to resume: every finished pretraining, tuning run and arm is kept (its
@@ -68,8 +68,9 @@ fi
 
 # 2. The arms (mae, mae_short, scratch x 5 seeds), one process per labeled count, JOBS of them at a
 #    time (all six side by side on one GPU); they share only the finished pretraining and tuning runs.
-#    BY_ARM=1: one process per unfinished arm instead (one_arm.py), so that the last arms of one
-#    labeled count train side by side rather than one after another.
+#    BY_ARM=1: one process per unfinished arm instead (`--only-arm SEED:ARM`), so that the last arms
+#    of one labeled count train side by side rather than one after another. The frozen code must have
+#    that option (commits after 2026-12-06; the chunks before used a script that patched the arm loop).
 launch() { # launch LOG COMMAND...: in the background, JOBS at a time, within what is left of HOURS
     local log=$1
     shift
@@ -88,7 +89,7 @@ for K in 1 2 4 8 16 all; do
     for ((S = 0; S < SEEDS; S++)); do
         for ARM in mae mae_short scratch; do
             [ -f "$OUT/runs/labeled-$K/seed-$S/$ARM/result.json" ] && continue
-            launch "$OUT/arms-$K-seed-$S-$ARM.log" python3 "$REPORT/one_arm.py" "$S" "$ARM" study "${COMMON[@]}" \
+            launch "$OUT/arms-$K-seed-$S-$ARM.log" maeformer study "${COMMON[@]}" --only-arm "$S:$ARM" \
                 --labeled "$K" --report-dir "$OUT/report-$K-seed-$S-$ARM"
         done
     done
