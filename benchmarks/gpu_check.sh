@@ -118,7 +118,7 @@ import json
 import sys
 from pathlib import Path
 
-from maeformer_fast.train.bench_table import format_table
+from maeformer_fast.bench.table import format_table
 
 rows_file = Path(sys.argv[1])
 rows = [json.loads(line) for line in rows_file.read_text().splitlines()] if rows_file.exists() else []

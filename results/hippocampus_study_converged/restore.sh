@@ -50,7 +50,9 @@ fi
 # The pretraining of (mask ratio, steps) exactly as the study runs it: the study's settings from run.sh,
 # the same non-test view of the cache, the same folder and encoder layout.
 pretrain_one() {
-    PYTHONPATH=$(cd "$OUT/code" && pwd) python3 - "$1" "$2" <<EOF
+    # PYTHONSAFEPATH: a script read from stdin would otherwise import the checkout (the current folder)
+    # before the frozen copy on PYTHONPATH.
+    PYTHONSAFEPATH=1 PYTHONPATH=$(cd "$OUT/code" && pwd) python3 - "$1" "$2" <<EOF
 import json
 import sys
 from pathlib import Path
@@ -84,7 +86,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from maeformer_fast.train.study_protocol import read_loss_curve
+from maeformer_fast.study.protocol import read_loss_curve
 
 
 def losses(log: Path) -> dict[int, float]:
