@@ -245,8 +245,9 @@ class NNFormerEncoder(nn.Module):
     def forward(self, x: Tensor) -> list[Tensor]:
         """x: (B, C_in, Z, Y, X) -> [(B, E * 2^i, Z_i, Y_i, X_i) for each stage i].
 
-        Every strided layer rounds its grid up (ceil(Z / s)), as the official network does; odd-phase
-        axes round down (see :class:`TokenConv3d`).
+        Every strided layer rounds its grid up (ceil(Z / s)), as the official downsampling does (the
+        official patch embedding pads the input to a multiple of the patch instead: docs/models.md);
+        odd-phase axes round down (see :class:`TokenConv3d`).
         """
         return [t.to_grid() for t in self.forward_tokens(x)]
 
@@ -274,9 +275,10 @@ class NNFormer(nn.Module):
     """nnFormer segmentation network.
 
     ``forward`` takes (B, C_in, Z, Y, X) of any size (strided layers round up, the decoder crops
-    back, as the official network does) and returns logits (B, classes, Z, Y, X); in training mode
-    with deep supervision it returns a list [full, 1/2, 1/4 resolution], the lower ones of size
-    ceil(size / s_i), s_i the downsampling stride from stage 0 to stage i.
+    back; docs/models.md says where this differs from the official network) and returns logits
+    (B, classes, Z, Y, X); in training mode with deep supervision it returns a list [full, 1/2, 1/4
+    resolution], the lower ones of size ceil(size / s_i), s_i the downsampling stride from stage 0 to
+    stage i.
     """
 
     def __init__(self, config: NNFormerConfig) -> None:

@@ -66,6 +66,98 @@ def test_deep_supervision_outputs_and_gradients_reach_every_parameter():
     assert missing == []
 
 
+# The small layout at a tiny width (runs in a fraction of a second); sizes that are not multiples of the
+# patch (2) nor of the total stride (16) on most axes, one axis of a single voxel.
+TINY = dict(embed_dim=8, num_heads=(1, 1, 2, 2), drop_path_rate=0.0)
+ODD_SIZES = [(13, 37, 22), (17, 20, 9), (5, 3, 30), (1, 6, 1)]
+
+
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_logits_at_odd_sizes_equal_the_input_padded_to_the_patch_then_cropped(size):
+    """Zero-pad the input by hand at the far end to a multiple of the patch (what the official
+    ``PatchEmbed`` does), run, crop the first ``size`` voxels: the logits equal those of the unpadded
+    input, with the embedding's first conv strided by the whole patch (2): its padding-1 zero slice is
+    then the padded slice, and every later grid is the same. Measured difference 0.0 (CPU, float32);
+    tolerance 1e-5 for other conv algorithms.
+
+    The model does not pad its input (strided layers round up), so other paddings are no reference:
+    measured at these sizes, padding to the total stride (16) changes the logits by up to 2.0 (extra
+    slices become tokens of their own), and with the default stride-1 first conv even padding to the
+    patch does, by up to 1.3 (the padded slice gets the conv's bias before the strided conv reads it).
+
+    Mutation seen failing: ``NNFormer.forward``'s head crop ``[:, :, : crop[0], ...]`` ->
+    ``[:, :, -crop[0] :, ...]`` (the far end: up to 2.0 off).
+    """
+    torch.manual_seed(0)
+    model = NNFormer(get_config("small", embed_strides=((2, 2, 2), (1, 1, 1)), **TINY)).eval()
+    x = torch.randn(2, 1, *size)
+    pad = [(-s) % 2 for s in size]
+    padded = torch.nn.functional.pad(x, [0, pad[2], 0, pad[1], 0, pad[0]])
+    assert padded.shape[2:] == tuple(s + p for s, p in zip(size, pad))
+    with torch.no_grad():
+        logits = model(x)
+        reference = model(padded)[:, :, : size[0], : size[1], : size[2]]
+    assert logits.shape == (2, 3, *size)
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+
+
+def transposed_conv_by_voxel(
+    features: torch.Tensor, conv: torch.nn.ConvTranspose3d, size: list[int]
+) -> torch.Tensor:
+    """A ConvTranspose3d with kernel == stride, written voxel by voxel and cut to ``size``: voxel v of
+    the output reads token v // k at tap v % k (so it is the conv's full output cropped from the start).
+
+    features (B, C, *grid) -> (B, O, *size); an index error where ``size`` exceeds the conv's output.
+    """
+    assert conv.kernel_size == conv.stride and conv.output_padding == (0, 0, 0)
+    voxels = [torch.arange(n) for n in size]
+    token = [v // k for v, k in zip(voxels, conv.kernel_size)]
+    tap = [v % k for v, k in zip(voxels, conv.kernel_size)]
+    # Broadcast the three axes' indices to (Z, Y, X).
+    f = features[:, :, token[0][:, None, None], token[1][None, :, None], token[2][None, None, :]]
+    w = conv.weight[:, :, tap[0][:, None, None], tap[1][None, :, None], tap[2][None, None, :]]
+    return torch.einsum("bczyx,cozyx->bozyx", f, w) + conv.bias[:, None, None, None]
+
+
+@pytest.mark.parametrize("size", ODD_SIZES)
+def test_heads_and_upsamplings_keep_the_first_voxels_at_odd_sizes(size):
+    """Every deep-supervision head's logits and every decoder upsampling's output equal their
+    transposed conv written voxel by voxel (``transposed_conv_by_voxel``) on the features they were
+    given, at sizes ceil(size / 2^l) (head l) and the encoder's stage grids ceil(size / 2^(s+1))
+    (decoder stage s): both keep the near end of the conv's output. Measured error up to 4.2e-7
+    (float32 sums over 8 to 64 channels in another order); tolerance 1e-5.
+
+    Mutation seen failing: the head crop ``[:, :, : crop[0], ...]`` -> ``[:, :, -crop[0] :, ...]``
+    (heads: up to 2.9 off) and ``Upsample``'s ``up[:, :, : grid[0], ...]`` -> ``up[:, :, -grid[0] :,
+    ...]`` (upsamplings: up to 1.6 off).
+    """
+    torch.manual_seed(0)
+    model = NNFormer(get_config("small", **TINY)).train()  # train: all three deep-supervision heads
+    head_inputs, up_inputs, up_outputs = {}, {}, {}
+    for level, head in enumerate(model.heads):
+        head.register_forward_pre_hook(lambda m, args, level=level: head_inputs.update({level: args[0]}))
+    for k, stage in enumerate(model.decoder):
+        up = stage.upsample
+        up.up.register_forward_pre_hook(lambda m, args, k=k: up_inputs.update({k: args[0]}))
+        up.register_forward_hook(lambda m, args, out, k=k: up_outputs.update({k: out}))
+    with torch.no_grad():
+        logits = model(torch.randn(2, 1, *size))
+    assert len(logits) == len(head_inputs) == 3 and len(up_outputs) == 3
+    for level, out in enumerate(logits):
+        expected = [-(-s // 2**level) for s in size]
+        reference = transposed_conv_by_voxel(head_inputs[level], model.heads[level], expected)
+        torch.testing.assert_close(
+            out, reference, atol=1e-5, rtol=0, msg=lambda m, lv=level: f"head {lv}: {m}"
+        )
+    for k, stage in enumerate(model.decoder):
+        resolution = len(model.decoder) - 1 - k  # decoder stages run from the deepest resolution up
+        grid = [-(-s // 2 ** (resolution + 1)) for s in size]
+        reference = transposed_conv_by_voxel(up_inputs[k], stage.upsample.up, grid)
+        torch.testing.assert_close(
+            up_outputs[k], reference, atol=1e-5, rtol=0, msg=lambda m, k=k: f"decoder stage {k}: {m}"
+        )
+
+
 def test_padding_does_not_leak_between_samples():
     torch.manual_seed(0)
     model = NNFormer(get_config("small")).eval()
