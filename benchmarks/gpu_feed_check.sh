@@ -17,8 +17,11 @@
 # run that preprocesses the data and compiles the real-data graph), filling inductor's caches; then
 # the measurements one after another on an idle machine, each cut to DEADLINE. The data is copied out
 # of the carried folder first, so its preprocessing cache never lands in runs/gpu_carry.
+# Limits: 100 s of warm-ups, then 50 + 60 + 60 s of measurements = 270 s, 30 s under the deadline
+# (before 2026-12-06 they added to 370 s against 300, so the loaders got what was left).
 # Results under $OUT: feed.txt (the table, also printed), rows.jsonl (bench rows), loaders.jsonl,
-# pretrain_log.csv (the real run's log), feed.log (all output).
+# pretrain_log.csv (the real run's log), feed.log (all output), gpu_results.csv (the measured step
+# rows for benchmarks/gpu_results.csv: append them there).
 set -u
 out=${OUT:?set OUT to the folder for the results}
 carry=${CARRY:-runs/gpu_carry}
@@ -28,7 +31,7 @@ batch=${BATCH:-32}
 steps=${STEPS:-400}
 modes=${MODES:-eager,captured}
 compile=${COMPILE:---compile}
-warm_until=${WARM_UNTIL:-130}
+warm_until=${WARM_UNTIL:-100}
 deadline=${DEADLINE:-300}
 mkdir -p "$out"
 scratch=$(mktemp -d)
@@ -55,12 +58,12 @@ wait
 cat "$scratch"/warm_*.log >>"$log"
 
 # 2. The measurements, one at a time, the random-tensor steps first (the real run is set against them).
-limited random_steps 70 "${cli[@]}" bench "${setting[@]}" --cases sparse,dense --modes "$modes" --seconds 3 \
+limited random_steps 50 "${cli[@]}" bench "${setting[@]}" --cases sparse,dense --modes "$modes" --seconds 3 \
     --json "$out/rows.jsonl"
-limited real_run 80 "${cli[@]}" pretrain --data "$data" --out "$scratch/run" --steps "$steps" "$compile" \
+limited real_run 60 "${cli[@]}" pretrain --data "$data" --out "$scratch/run" --steps "$steps" "$compile" \
     "${setting[@]}" "${quiet[@]}"
 cp "$scratch/run/pretrain_log.csv" "$out/" 2>/dev/null
-limited loaders 90 "${cli[@]}" bench --loader --data "$data" "${setting[@]}" "$compile" --seconds 6 \
+limited loaders 60 "${cli[@]}" bench --loader --data "$data" "${setting[@]}" "$compile" --seconds 6 \
     --num-workers 4 --json "$out/loaders.jsonl"
 
 # 3. One table.
@@ -70,3 +73,4 @@ limited loaders 90 "${cli[@]}" bench --loader --data "$data" "${setting[@]}" "$c
     cat "$scratch/status"
     python benchmarks/feed_table.py "$out/rows.jsonl" "$out/loaders.jsonl" "$out/pretrain_log.csv"
 } | tee "$out/feed.txt"
+python benchmarks/gpu_results.py --csv "$out/gpu_results.csv" --source gpu_feed_check.sh "$out/rows.jsonl"

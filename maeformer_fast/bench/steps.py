@@ -10,15 +10,18 @@ gradient clipping, the optimizer and LR schedule, and the one host read of the l
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..data.io import atomic_write_text
 from ..device import resolve_compile, resolve_precision, use_device
 from ..models.config import get_config
 from ..models.nnformer import NNFormer
@@ -143,6 +146,21 @@ def case_flops(case: str, model: str, crop: Triple, batch_size: int, overrides: 
     return batch_size * one
 
 
+def cached_case_flops(
+    cache: Path | None, case: str, model: str, crop: Triple, batch_size: int, overrides: dict[str, Any]
+) -> int:
+    """:func:`case_flops`, read from (or added to) the JSON file ``cache`` where one is given: keyed by
+    case, model, crop and overrides, per sample (times ``batch_size`` here, as the count is)."""
+    if cache is None:
+        return case_flops(case, model, crop, batch_size, overrides)
+    key = json.dumps([case, model, list(crop), overrides], sort_keys=True)
+    saved = json.loads(cache.read_text()) if cache.is_file() else {}
+    if key not in saved:
+        saved[key] = case_flops(case, model, crop, 1, overrides)
+        atomic_write_text(cache, json.dumps(saved, indent=2))
+    return batch_size * saved[key]
+
+
 def default_modes(device: torch.device, compile_model: bool | None) -> list[str]:
     """Eager, plus the form the device compiles in when it compiles (``compile_model``, else the device's
     default): captured on CUDA (``prepare_model``'s "auto" mode on one GPU), compiled elsewhere."""
@@ -213,6 +231,7 @@ def bench(
     cases: Sequence[str] = tuple(CASES),
     peak: float | None = None,
     on_row: Callable[[dict], None] | None = None,
+    flops_cache: Path | None = None,
 ) -> list[dict]:
     """Time the training steps of ``cases`` (sparse / dense MAE pretraining, fine-tuning) of ``model`` in
     each of ``modes`` (eager, compiled, captured; default :func:`default_modes`), one after another in
@@ -224,6 +243,10 @@ def bench(
     voxels_per_s, warmup_s; peak_mib on CUDA), :func:`launches_in`'s launches and kernels per step,
     flops (counted per step, :func:`case_flops`), tflops and mfu (a fraction, None without a peak) --
     or ``skipped`` / ``error`` instead of the figures.
+
+    ``seconds`` 0 is a warm-up (it fills the compile caches): no FLOPs are counted. ``flops_cache``, a
+    JSON file, keeps each count for later processes (counting one Synapse sample takes a while on the
+    CPU; the GPU scripts run several benches of the same cases).
     """
     torch_device = use_device(device)
     resolved = resolve_precision(precision, torch_device)
@@ -241,9 +264,9 @@ def bench(
             row = {**setting, "case": case, "mode": mode,
                    **measure_case(case, mode, model, crop, batch_size, resolved, torch_device, seconds,
                                   overrides)}  # fmt: skip
-            if "ms_per_step" in row:
+            if "ms_per_step" in row and seconds > 0:
                 if case not in flops:
-                    flops[case] = case_flops(case, model, crop, batch_size, overrides)
+                    flops[case] = cached_case_flops(flops_cache, case, model, crop, batch_size, overrides)
                 row["flops"] = flops[case]
                 row.update(utilisation(flops[case], row["ms_per_step"], setting["peak_tflops"]))
             rows.append(row)

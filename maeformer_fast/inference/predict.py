@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..device import CompiledModel, resolve_compile, resolve_compile_mode, resolve_precision, use_device
 from .evaluation import predict_case
 from .metrics import dice, hd95, per_class_scores
+from .pictures import dice_title, segmentation_png
 
 
 def nifti_files(path: Path) -> list[Path]:
@@ -42,7 +43,8 @@ def group_channels(files: list[Path], num_channels: int) -> dict[str, list[Path]
 
 def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device: str = "auto",
             precision: str = "auto", overlap: float = 0.5, mirror: bool = False,
-            compile: bool | None = None) -> list[Path]:  # fmt: skip
+            compile: bool | None = None, png: bool = False,
+            reference: str | Path | None = None) -> list[Path]:  # fmt: skip
     """Segment every volume under ``inputs`` and write ``<case>.nii.gz`` label maps (uint8) to ``out``,
     in each input's own shape, affine and orientation (preprocessing undone).
 
@@ -50,7 +52,11 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
     An unreadable input does not stop the others: every readable one is written, then a DatasetError
     lists the bad ones. ``compile`` (default: the device's, ``runtime.resolve_compile``) runs the
     windows through the compiled model: one graph per window shape, on one GPU replayed as a CUDA
-    graph."""
+    graph.
+
+    ``png``: also ``out/png/<case>.png`` (:mod:`.pictures`): three slices of the input's first channel
+    through the structure, the prediction outlined; with ``reference`` (a folder of label maps named
+    like the inputs) the reference outlined too and each class's Dice in the title."""
     from ..data import DatasetError, preprocess_volume, restore_to_original, write_nifti
     from ..models.pretrained import load_segmenter
 
@@ -78,9 +84,32 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
                               mirror=mirror)  # fmt: skip
         restored, affine = restore_to_original(labels, geometry)
         written.append(write_nifti(out / f"{name}.nii.gz", restored.astype(np.uint8), affine))
+        if png:
+            case_picture(out / "png" / f"{name}.png", files[0], restored, reference, num_classes)
     if problems:
         raise DatasetError(problems, f"{inputs} (its {len(written)} readable inputs are predicted in {out})")
     return written
+
+
+def case_picture(
+    path: Path, image_file: Path, labels: np.ndarray, reference: str | Path | None, num_classes: int
+) -> Path:
+    """:func:`.pictures.segmentation_png` of one predicted case in its input's own voxel grid: the
+    image read again from ``image_file``, ``labels`` (Z, Y, X) as written, and the case's label map
+    from the ``reference`` folder where it has one (then Dice per class in the title)."""
+    from ..data.io import read_volume, strip_nifti_suffix
+
+    name = strip_nifti_suffix(image_file.name)
+    image = read_volume(image_file).data
+    image = image[..., 0] if image.ndim == 4 else image  # the first channel of a 4D input
+    truth = None
+    if reference is not None:
+        matches = [p for p in nifti_files(Path(reference)) if strip_nifti_suffix(p.name) == name]
+        truth = read_volume(matches[0], kind="label").data if matches else None
+    title = name
+    if truth is not None:
+        title = dice_title(name, {str(c): dice(labels == c, truth == c) for c in range(1, num_classes)})
+    return segmentation_png(path, image.astype(np.float32), labels, truth, title)
 
 
 def evaluate(pred: str | Path, ref: str | Path, out: str | Path | None = None,
