@@ -21,7 +21,10 @@ def augment_batch(
     resident gather) or "flips+brightness" (the DALI pipeline)."""
     intensity = torch.from_numpy(plan.intensity)
     if done == "flips+brightness":
+        # The pipeline multiplied by the brightness before any noise: x * b + n * b = (x + n) * b, the
+        # loaders' (nnU-Net's) order, with the noise's std scaled by b.
         intensity = intensity.clone()
+        intensity[:, 3] *= intensity[:, 0]
         intensity[:, 0] = 1.0
     elif done == "none":
         image, label = apply_flips(image, label, torch.from_numpy(plan.flips))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cache import case_file
+from .cache import cached_array
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ class CropSampler:
     def _foreground_voxel(self, case: int, rng: np.random.Generator) -> np.ndarray | None:
         """A random foreground voxel (z, y, x): a random class present, then a random stored voxel of it."""
         if case not in self._fg:
-            fg = np.load(case_file(self.cache_dir, self.case_ids[case], "fg"))
+            fg = np.asarray(cached_array(self.cache_dir, self.case_ids[case], "fg"))  # names a damaged file
             classes, first = np.unique(fg[:, 0], return_index=True) if len(fg) else (np.zeros(0), np.zeros(0))
             self._fg[case] = (fg, classes, np.append(first, len(fg)).astype(np.int64))
         fg, classes, bounds = self._fg[case]
