@@ -24,7 +24,15 @@ def step_flops(
     counted; they are a small share and alike in every kind of step. Attention is counted as the CPU
     computes it, padding included: the dense steps' windows cut from the grid count padded and masked
     pairs (a few percent more than the grouped windows count for the small config), the sparse
-    step's power-of-two buckets their padding; a study counts every step kind one way throughout."""
+    step's power-of-two buckets their padding; a study counts every step kind one way throughout.
+
+    The Triton kernels (chosen by the backends in ``overrides``, or by "auto" where a model counts on
+    CUDA) are custom ops that FlopCounterMode cannot look into; their registered FLOP formulas count
+    what the CPU path's matmuls and convolutions count (``ops.window_attention.attention_flops``,
+    ``ops.sparse_conv.sparse_conv_flops``), so a sparse step counts alike on either backend. The
+    counter copies torch's formula registry when it is made: after the model imports below, which
+    register those formulas. Not counted on the CPU: ``scaled_dot_product_attention`` (torch 2.13 has
+    no formula for its CPU kernels), i.e. the MAE decoder's attention over mask units, a small share."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..models.nnformer import NNFormer

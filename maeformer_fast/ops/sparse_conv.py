@@ -15,6 +15,9 @@ per-step plan builds once (:func:`unit_neighbour_rows` does the arithmetic, with
   would accumulate every zero neighbour into one row) and convolved densely with padding 0. On CPU this
   measured 3-5x faster than the dense masked conv for 8x8x8-token units at 25% visible (brief,
   section 3), and faster than gathering 27 neighbours per token. The CPU path.
+
+FLOPs: ``torch.utils.flop_counter`` counts the CPU path's ``F.conv3d``; the Triton custom ops carry
+registered formulas (:func:`sparse_conv_flops`) that count the same, so a counted step is alike on both.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from ..types import Triple
 
@@ -190,17 +194,22 @@ def _sparse_conv_op_fake(features, table, transposed, weight, bias):
 
 @torch.library.custom_op("maeformer::sparse_conv3d_backward", mutates_args=())
 def _sparse_conv_backward_op(
-    grad_out: Tensor, features: Tensor, table: Tensor, transposed: Tensor, weight: Tensor
+    grad_out: Tensor, features: Tensor, table: Tensor, transposed: Tensor, weight: Tensor, input_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of features, weight and bias."""
+    """Gradients of features ((0, C_in) unless ``input_grad``), weight and bias."""
     from .sparse_conv_triton import triton_sparse_conv_backward
 
-    return triton_sparse_conv_backward(grad_out, features, table, transposed, weight)
+    # Without an input gradient (the first conv, which reads the images) the input-gradient GEMM runs
+    # over an empty transposed table: no launch, as the CPU path's conv backward skips it too.
+    return triton_sparse_conv_backward(
+        grad_out, features, table, transposed if input_grad else transposed[:0], weight
+    )
 
 
 @_sparse_conv_backward_op.register_fake
-def _sparse_conv_backward_op_fake(grad_out, features, table, transposed, weight):
-    return torch.empty_like(features), torch.empty_like(weight), weight.new_empty(weight.shape[0])
+def _sparse_conv_backward_op_fake(grad_out, features, table, transposed, weight, input_grad):
+    dx = torch.empty_like(features) if input_grad else features.new_empty(0, features.shape[1])
+    return dx, torch.empty_like(weight), weight.new_empty(weight.shape[0])
 
 
 def _setup_context(ctx, inputs, output):
@@ -210,11 +219,36 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     features, table, transposed, weight = ctx.saved_tensors
-    dx, dw, db = _sparse_conv_backward_op(grad_out.contiguous(), features, table, transposed, weight)
-    return dx, None, None, dw, db
+    input_grad = ctx.needs_input_grad[0]
+    dx, dw, db = _sparse_conv_backward_op(
+        grad_out.contiguous(), features, table, transposed, weight, input_grad
+    )
+    return dx if input_grad else None, None, None, dw, db
 
 
 _sparse_conv_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sparse_conv_flops(num_outputs: int, in_channels: int, out_channels: int) -> int:
+    """FLOPs of one 3x3x3 sparse conv pass (forward, or one of the input and weight gradients) with
+    ``num_outputs`` outputs, as FlopCounterMode counts the CPU path's dense conv of the halo blocks
+    (2 x outputs x C_out x C_in x 27; zero neighbours and padding taps of kernel-1 axes included, the
+    bias not)."""
+    return 2 * num_outputs * KERNEL_OFFSETS * in_channels * out_channels
+
+
+@register_flop_formula(torch.ops.maeformer.sparse_conv3d, get_raw=True)
+def _sparse_conv_op_flops(features, table, transposed, weight, bias, *args, out_val=None, **kwargs) -> int:
+    return sparse_conv_flops(table.shape[0], weight.shape[1], weight.shape[0])
+
+
+@register_flop_formula(torch.ops.maeformer.sparse_conv3d_backward, get_raw=True)
+def _sparse_conv_backward_op_flops(
+    grad_out, features, table, transposed, weight, input_grad, *args, out_val=None, **kwargs
+) -> int:
+    # The weight gradient always; the input gradient when asked for (as conv backward's output mask).
+    passes = 2 if input_grad else 1
+    return passes * sparse_conv_flops(table.shape[0], weight.shape[1], weight.shape[0])
 
 
 def sparse_conv3d(

@@ -11,6 +11,10 @@ Backends:
   ``scaled_dot_product_attention`` with the gathered bias; the CPU path.
 - ``"triton"``: fused kernels (``window_attention_triton``); CUDA, or CPU under TRITON_INTERPRET=1.
 - ``"auto"``: triton on CUDA tensors, torch otherwise.
+
+FLOPs: ``torch.utils.flop_counter`` sees the torch backend's matmuls; the custom ops below carry
+registered formulas that count the same matmuls (:func:`attention_flops`), so a counted step is alike on
+every backend.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from ..types import as_triple
 from .backend import resolve_backend
@@ -223,7 +228,10 @@ def window_attention_torch_backward(
 # Custom ops: torch.compile cannot trace the torch backend (its bucket sizes depend on data) nor the
 # Triton launches, so both hide behind opaque ops with fake implementations (shapes only) and an
 # autograd formula. Eager calls skip the ops: the torch backend then keeps its autograd graph instead
-# of recomputing the forward in backward.
+# of recomputing the forward in backward, and the Triton backend runs its autograd.Function, whose
+# host-side ops a dispatch mode can see (the test that no step waits for the device relies on that).
+# Eager Triton calls take the op only while a FLOP counter listens (:func:`_flops_counted`): the
+# counter cannot see kernel launches, only the op and its formula.
 @torch.library.custom_op("maeformer::varlen_window_attention", mutates_args=())
 def _attention_op(
     q: Tensor,
@@ -316,6 +324,61 @@ def _attention_op_backward(ctx, grad_out, grad_lse):
 _attention_op.register_autograd(_attention_op_backward, setup_context=_attention_op_setup_context)
 
 
+def counted_pairs(coords: Tensor, cu_seqlens: Tensor, window_size: int | Sequence[int]) -> int:
+    """Query-key pairs the torch backend multiplies: sum of n L^2 over its batches (:func:`_pieces`),
+    padding of the power-of-two buckets included, so the counts of both backends agree exactly.
+
+    Fake tensors (what inductor hands a formula when it estimates a node's cost) carry no group sizes:
+    then every token is taken to sit in a full window, which is exact for dense grids.
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(coords) or is_fake(cu_seqlens) or coords.device.type == "meta":
+        return coords.shape[0] * math.prod(as_triple(window_size))
+    return sum(pos.shape[0] * pos.shape[1] ** 2 for pos, _, _ in _pieces(coords, cu_seqlens, window_size))
+
+
+def attention_flops(pairs: int, num_heads: int, head_dim: int, value_dim: int, backward: bool = False) -> int:
+    """FLOPs of window attention over ``pairs`` query-key pairs per head, as FlopCounterMode counts the
+    torch backend's training path (two matmuls in forward: 2 D per pair for Q K^T, 2 D_v for P V;
+    autograd's backward runs two matmuls per forward matmul: dQ and dK, dP and dV). Softmax, bias and
+    scaling are elementwise and not counted, as FlopCounterMode counts none of them."""
+    forward = 2 * pairs * num_heads * (head_dim + value_dim)
+    return 2 * forward if backward else forward
+
+
+@register_flop_formula(torch.ops.maeformer.varlen_window_attention, get_raw=True)
+def _attention_op_flops(
+    q, k, v, coords, cu_seqlens, bias_table, window_size, scale, backend, *args, out_val=None, **kwargs
+) -> int:
+    pairs = counted_pairs(coords, cu_seqlens, window_size)
+    return attention_flops(pairs, q.shape[1], q.shape[2], v.shape[2])
+
+
+@register_flop_formula(torch.ops.maeformer.varlen_window_attention_backward, get_raw=True)
+def _attention_backward_op_flops(
+    grad_out, q, k, v, out, lse, coords, cu_seqlens, bias_table, window_size, scale, backend, *args,
+    out_val=None, **kwargs,
+) -> int:  # fmt: skip
+    # The forward's recomputation (the kernels' and the torch backward op's) is not counted: the torch
+    # backend's autograd keeps the probabilities instead, and every backend must count alike.
+    pairs = counted_pairs(coords, cu_seqlens, window_size)
+    return attention_flops(pairs, q.shape[1], q.shape[2], v.shape[2], backward=True)
+
+
+def _flops_counted() -> bool:
+    """Whether a ``torch.utils.flop_counter.FlopCounterMode`` is active (it pushes a private
+    ``_FlopCounterMode`` on the dispatch-mode stack; earlier torch versions pushed the counter itself)."""
+    from torch.utils import flop_counter
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    kinds = (
+        flop_counter.FlopCounterMode,
+        getattr(flop_counter, "_FlopCounterMode", flop_counter.FlopCounterMode),
+    )
+    return any(isinstance(mode, kinds) for mode in _get_current_dispatch_mode_stack())
+
+
 def window_attention_op(
     q: Tensor,
     k: Tensor,
@@ -369,7 +432,7 @@ def varlen_window_attention(
     backend = resolve_backend(backend, q.device)
     if backend == "reference":
         return window_attention_reference(q, k, v, coords, cu_seqlens, bias_table, window_size, scale)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (backend == "triton" and _flops_counted()):
         return window_attention_op(q, k, v, coords, cu_seqlens, bias_table, window_size, scale, backend)
     if backend == "triton":
         from .window_attention_triton import window_attention_triton

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from maeformer_fast.ops import backend as ops_backend
 from maeformer_fast.ops import bias_table_size, varlen_window_attention, window_groups
 from maeformer_fast.ops import window_attention as wa
 from maeformer_fast.types import as_triple
@@ -184,9 +185,9 @@ def test_auto_is_torch_on_cpu():
 
 def test_available_is_honest(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert wa.triton_available() == (torch.cuda.is_available() and wa._triton_importable())
+    assert ops_backend.triton_available() == (torch.cuda.is_available() and ops_backend._triton_importable())
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert wa.triton_available() == wa._triton_importable()
+    assert ops_backend.triton_available() == ops_backend._triton_importable()
 
 
 @settings(max_examples=12, deadline=None)
