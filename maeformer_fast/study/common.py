@@ -105,9 +105,11 @@ def parse_labeled(text: str) -> list[int | None]:
     """``"5,10,all"`` -> ``[5, 10, None]`` (None = the whole training pool)."""
     counts: list[int | None] = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
+        if part.lower() != "all" and not part.isdigit():
+            raise ValueError(f"--labeled {text!r}: {part!r} is neither a count nor 'all' (e.g. 5,10,all)")
         counts.append(None if part.lower() == "all" else int(part))
     if not counts:
-        raise ValueError("labeled: give at least one count, e.g. 5,10,all")
+        raise ValueError("--labeled: give at least one count, e.g. 5,10,all")
     return counts
 
 

@@ -17,6 +17,8 @@ def test_parse_labeled_and_steps_to_fraction():
     """Catches a collapsed run counted as converging at once (tried: no check of a target <= 0) and
     an unreached target raising (tried: ``next`` without a default: StopIteration)."""
     assert parse_labeled("4, 16,all") == [4, 16, None]
+    with pytest.raises(ValueError, match="--labeled '2,foo': 'foo' is neither"):  # named, not int()'s words
+        parse_labeled("2,foo")
     assert steps_to_fraction([(10, 0.2), (20, 0.58), (30, 0.6), (40, 0.5)]) == 20
     assert steps_to_fraction([]) is None
     assert steps_to_fraction([(10, 0.5), (20, 0.9), (30, 0.52)]) == 10  # of the last Dice by default
