@@ -32,7 +32,7 @@ COMMON=(--protocol converged --data "$DATA" --out "$OUT" --seeds "$SEEDS"
         --plateau-patience 10 --plateau-min-delta 0.005 --plateau-min-steps 1000
         --encoder-stages 3 --mask-ratios 0.6,0.75 --tune-labeled 2 --tune-seed 100
         --tune-lrs 3e-4,1e-3,3e-3 --tune-warmups 100,1000 --tune-layer-decays 1.0,0.75
-        --tune-freeze-steps 0,500 --tune-scratch-lrs 2e-4,5e-4,1e-3,2e-3,3e-3,5e-3,1e-2,2e-2
+        --tune-freeze-steps 0,500 --tune-scratch-lrs 2e-4,5e-4,1e-3,2e-3,3e-3,5e-3,1e-2,2e-2,5e-2
         --tune-scratch-warmups 1000,100 --tune-scratch-weight-decays 0.01,0.05
         --precision fp32 --num-workers "$NUM_WORKERS" --max-hours "$HOURS" --no-progress "${EXTRA[@]}")
 mkdir -p "$OUT"
