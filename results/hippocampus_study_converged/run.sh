@@ -48,6 +48,10 @@ if [ ! -f "$CODE/COMMIT" ]; then
 fi
 CHECKOUT_PYTHONPATH=$(pwd)${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=$(cd "$CODE" && pwd)${PYTHONPATH:+:$PYTHONPATH} # `maeformer` imports the copy
+# The command line of whichever library PYTHONPATH names first: an installed `maeformer` script names the
+# checkout's entry point, which the frozen copy may not have (the layout moved on 2026-12-06), and
+# PYTHONSAFEPATH keeps `python -m` from putting the checkout (the current folder) before the copy.
+maeformer() { PYTHONSAFEPATH=1 python3 -m maeformer_fast.cli "$@"; }
 { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null ||
   echo "$(nproc --all) CPU cores, OMP_NUM_THREADS=${OMP_NUM_THREADS:-unset}"
   echo "chunk of $(date -u +%FT%TZ): code $(cat "$CODE/COMMIT"), load average $(cut -d' ' -f1-3 /proc/loadavg)"
