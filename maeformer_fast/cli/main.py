@@ -8,8 +8,12 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .args import add_dataclass_arguments, dataclass_from_args
+
+if TYPE_CHECKING:  # the training modules import torch: the command line loads them when it runs one
+    from ..train.preemption import Interruption
 
 PRETRAIN_HELP = {
     "data": "raw dataset folder (Decathlon layout or a folder of NIfTI volumes) or a preprocessing cache",
@@ -28,7 +32,11 @@ PRETRAIN_HELP = {
     "in half the free memory, else --loader; on: always; off: always --loader",
     "precision": "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16",
     "device": "auto, cpu, cuda, cuda:1, ...",
-    "resume": "continue from the newest checkpoint in OUT/checkpoints",
+    "resume": "continue from the newest intact checkpoint in OUT/checkpoints, or start afresh where there is "
+    "none: one command line for the first start and every restart (`--resume` alone means the same) "
+    "(default: off: a new run, which refuses an earlier run's checkpoints)",
+    "stop_signals": "signals that stop the run after the current step with a checkpoint, exit code 75 "
+    "(comma-separated, or none); Ctrl-C (SIGINT) always does, with exit code 130",
     "cache_dir": "where to build the preprocessing cache of a raw dataset",
     "progress": "show a progress bar",
     "deterministic": "use deterministic kernels so that a resumed run is bit-identical (a bit slower)",
@@ -66,6 +74,7 @@ FINETUNE_HELP = {
     "val_every": "validate (sliding-window Dice) every N steps",
     "evaluate_test": "score the best model on the test split at the end",
     **{k: PRETRAIN_HELP[k] for k in ("loader", "precision", "device", "resume", "cache_dir", "progress")},
+    "stop_signals": PRETRAIN_HELP["stop_signals"],
     "deterministic": PRETRAIN_HELP["deterministic"],
     **SCALING_HELP,
     "accumulate_steps": SCALING_HELP["accumulate_steps"]
@@ -88,10 +97,33 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_training_arguments(parser: argparse.ArgumentParser, cls: type, helps: dict[str, str]) -> None:
+    """The options of run config ``cls``; ``--resume`` takes an optional ``auto`` (both continue where
+    there is a checkpoint and start afresh where there is none; the bare flag predates ``auto``)."""
+    add_dataclass_arguments(parser, cls, helps, skip=("resume",))
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=False, choices=["auto"], help=helps["resume"]
+    )
+    parser.add_argument("--no-resume", dest="resume", action="store_false", help="a new run (the default)")
+
+
+def stopped(command: str, interrupted: Interruption | None, resumes: bool) -> int | None:
+    """For a run a signal stopped: its one-line message (from rank 0) and its exit code (75, or 130 for
+    Ctrl-C); None for a run that was not stopped."""
+    if interrupted is None:
+        return None
+    if is_main_process():
+        print(interrupted.message(command, bool(resumes)), file=sys.stderr)
+    return interrupted.exit_code
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from ..train.pretrain import PretrainConfig, pretrain
 
-    result = pretrain(dataclass_from_args(PretrainConfig, args))
+    config = dataclass_from_args(PretrainConfig, args)
+    result = pretrain(config)
+    if (code := stopped("pretrain", result.interrupted, config.resume)) is not None:
+        return code
     if not is_main_process():
         return 0
     print(
@@ -112,7 +144,10 @@ def report_finetune(result) -> None:
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..train.finetune import FinetuneConfig, finetune
 
-    result = finetune(dataclass_from_args(FinetuneConfig, args))
+    config = dataclass_from_args(FinetuneConfig, args)
+    result = finetune(config)
+    if (code := stopped("finetune", result.interrupted, config.resume)) is not None:
+        return code
     if is_main_process():
         report_finetune(result)
     return 0
@@ -122,8 +157,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from ..inference.predict import predict
 
     files = predict(args.model, args.input, args.out, args.device, args.precision, args.overlap, args.mirror,
-                    args.compile)  # fmt: skip
-    print(f"wrote {len(files)} label maps to {args.out}")
+                    args.compile, args.png, args.reference)  # fmt: skip
+    print(
+        f"wrote {len(files)} label maps to {args.out}"
+        + (f" and pictures to {args.out}/png" if args.png else "")
+    )
     return 0
 
 
@@ -204,7 +242,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     rows = bench(args.model, args.crop_size, args.batch_size, args.device, args.precision, args.seconds,
                  args.compile, modes=args.modes, cases=args.cases, peak=args.peak_tflops,
-                 on_row=write if args.json else None)  # fmt: skip
+                 on_row=write if args.json else None,
+                 flops_cache=Path(args.flops_cache) if args.flops_cache else None)  # fmt: skip
     print("\n".join(format_table(rows)))
     return 1 if any("error" in r for r in rows) else 0
 
@@ -247,10 +286,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if name.split(".")[0] in fine.splits["test"]:
             (test_images / name).write_bytes((data / entry["image"]).read_bytes())
             (test_labels / name).write_bytes((data / entry["label"]).read_bytes())
-    predict(fine.model_path, test_images, out / "predictions")
+    predict(fine.model_path, test_images, out / "predictions", png=True, reference=test_labels)
     result = evaluate(out / "predictions", test_labels)
     print(f"test cases {fine.splits['test']}, predicted in their original geometry:")
     print(format_table(result["summary"]))
+    print(f"pictures (reference green, prediction red): {out / 'predictions' / 'png'}")
     return 0
 
 
@@ -296,8 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
                      "table (H100/H200 SXM, A100) lacks (default: the table's, else MFU n/a)")  # fmt: skip
     ben.add_argument("--json", default=None, metavar="PATH",
                      help="also append each row to PATH as a JSON line, when measured")  # fmt: skip
+    ben.add_argument("--seconds", type=float, default=5.0,
+                     help="timing per case after a warm-up step; 0 only warms up (compiles; no FLOPs "
+                     "counted) (default: 5)")  # fmt: skip
     ben.add_argument(
-        "--seconds", type=float, default=5.0, help="timing per case after a warm-up step (default: 5)"
+        "--flops-cache",
+        default=None,
+        metavar="PATH",
+        help="a JSON file keeping the counted FLOPs per case for later runs (default: none)",
     )
     ben.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                      help="torch.compile the whole model (default: the device's default)")  # fmt: skip
@@ -311,13 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     ben.set_defaults(func=cmd_bench)
 
     pre = sub.add_parser("pretrain", help="MAE pretraining of the nnFormer encoder on unlabeled volumes")
-    add_dataclass_arguments(pre, PretrainConfig, PRETRAIN_HELP)
+    add_training_arguments(pre, PretrainConfig, PRETRAIN_HELP)
     pre.set_defaults(func=cmd_pretrain)
 
     fine = sub.add_parser(
         "finetune", help="fine-tune nnFormer segmentation from a pretrained encoder or scratch"
     )
-    add_dataclass_arguments(fine, FinetuneConfig, FINETUNE_HELP)
+    add_training_arguments(fine, FinetuneConfig, FINETUNE_HELP)
     fine.set_defaults(func=cmd_finetune)
 
     pred = sub.add_parser("predict", help="segment NIfTI volumes; labels written in each input's geometry")
@@ -330,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), fp32, bf16, fp16")
     pred.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap (default: 0.5)")
     pred.add_argument("--mirror", action="store_true", help="average predictions over axis flips (8x slower)")
+    pred.add_argument("--png", action="store_true",
+                      help="also write OUT/png/<case>.png: slices through the structure, the prediction "
+                      "outlined in red (and the --reference in green, with Dice in the title)")  # fmt: skip
+    pred.add_argument(
+        "--reference", default=None, help="with --png: a folder of reference label maps named like the inputs"
+    )
     pred.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                       help="torch.compile the model, one graph per window shape, CUDA graphs on one GPU "
                            "(default: the device's default)")  # fmt: skip
@@ -370,23 +422,42 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run a subcommand. Errors about the user's input (missing or bad files, invalid options, a
-    diverged loss) print one line naming the problem and exit 2; ``MAEFORMER_TRACEBACK=1`` re-raises
-    them with the traceback."""
+    """Run a subcommand. Errors about the user's input (missing or bad files, bad datasets, invalid
+    options, unknown names such as a case id the cache lacks, a diverged loss) print one line naming
+    the problem and exit 2; ``MAEFORMER_TRACEBACK=1`` re-raises them with the traceback.
+
+    A KeyError counts as such when it was raised with a message (the library's unknown-name errors,
+    e.g. "cases not in the cache: [...]"); a bare missing key is a lookup nothing guarded, a bug, and
+    keeps its traceback, as do other RuntimeErrors."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (OSError, ValueError, RuntimeError) as error:
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops at a step itself): no traceback
+        if os.environ.get("MAEFORMER_TRACEBACK") == "1":
+            raise
+        print(f"maeformer {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        from ..data.errors import DatasetError
         from ..train.runtime import NonFiniteLossError
 
-        user_error = isinstance(error, (OSError, ValueError, NonFiniteLossError))
+        said = error.args[0] if isinstance(error, KeyError) and error.args else None
+        named = isinstance(said, str) and " " in said.strip()
+        user_error = named or isinstance(error, (OSError, ValueError, NonFiniteLossError))
         if not user_error or os.environ.get("MAEFORMER_TRACEBACK") == "1":
             raise
-        message = str(error)
+        message = str(said) if named else str(error)  # str() of a KeyError is its message's repr
         if "Original Traceback" in message:  # re-raised from a DataLoader worker: its last line says what
             message = "in a data loader worker: " + message.strip().splitlines()[-1]
-        print(f"maeformer {args.command}: error: {message}", file=sys.stderr)
+        elif isinstance(error, DatasetError):  # str() lists every problem, one a line: count, first few
+            where = f" in dataset {error.root}" if error.root else ""
+            shown, more = error.problems[:3], len(error.problems) - 3
+            message = f"{len(error.problems)} problem(s){where}: " + "; ".join(map(str, shown))
+            message += f"; {more} more (MAEFORMER_TRACEBACK=1 lists all)" if more > 0 else ""
+        # One line whatever the message holds (a path with a newline, a multi-line library message).
+        message = " ".join(line.strip() for line in message.splitlines() if line.strip())
+        print(f"maeformer {args.command}: error: {message or type(error).__name__}", file=sys.stderr)
         return 2
 
 

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data.cache import load_plan
+from ..data.io import atomic_write_text
 from ..device import autocast, resolve_compile
 from ..inference.evaluation import score_cases, summarise
 from ..models.config import get_config
@@ -24,6 +25,7 @@ from .distributed import barrier, broadcast_from_main, mean_across_ranks
 from .loop import Optimisation, RunConfig, compiles_optimizer_step, prepare_model, setup_run
 from .losses import deep_supervision_loss
 from .optim import make_optimizer, make_scheduler, param_groups, poly, warmup_constant, warmup_cosine
+from .preemption import Interruption, StopSignals
 from .runtime import CsvLog, PendingLosses
 from .splits import make_splits
 
@@ -84,7 +86,8 @@ class FinetuneResult:
     test_dice: dict[str, float] | None
     test_hd95: dict[str, float] | None
     wall_time_s: float
-    paused: bool = False  # ended at a checkpoint by ``pause``: not scored, resume to finish
+    paused: bool = False  # ended at a checkpoint by ``pause`` or a signal: not scored, resume to finish
+    interrupted: Interruption | None = None  # the signal that ended it (preemption.py)
 
 
 def layer_lr_scales(model: NNFormer, decay: float) -> dict[str, float]:
@@ -153,7 +156,9 @@ def finetune(
     early when it returns True (single process only: e.g. a plateau criterion). ``pause()``, asked after
     each checkpoint of a run that goes on, ends it there when it returns True (single process only; e.g.
     a time budget): the result says ``paused``, the test split is not scored, and a resumed run
-    continues from that checkpoint as if it had not stopped."""
+    continues from that checkpoint as if it had not stopped. A signal of ``config.stop_signals`` or
+    SIGINT ends it the same way after the step it arrived in (and that step's validation), with a
+    checkpoint there, on every rank (the result's ``interrupted`` says which signal, and where)."""
     from ..data import make_loader
 
     run = setup_run(config)
@@ -179,7 +184,7 @@ def finetune(
     model.to(device)
     crop = tuple(config.crop_size or model.config.crop_size)
     optimisation = build_optimisation(config, model, run.precision, device)
-    checkpoints = CheckpointManager(out / "checkpoints")
+    checkpoints = CheckpointManager(out / "checkpoints", dist=dist_info)
     start_step, meta = optimisation.resume(checkpoints, config)
     best = meta.get("best", {"dice": -1.0, "step": 0})
     curve = [tuple(point) for point in meta.get("curve", [])]
@@ -192,8 +197,8 @@ def finetune(
     model_path, last_path = out / "model.safetensors", out / "last.safetensors"
     info = {"config": asdict(config), "splits": splits.to_dict(), "init": init_info}
     if dist_info.is_main:
-        (out / "splits.json").write_text(json.dumps(splits.to_dict(), indent=2))
-        (out / "finetune_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        atomic_write_text(out / "splits.json", json.dumps(splits.to_dict(), indent=2))
+        atomic_write_text(out / "finetune_config.json", json.dumps(asdict(config), indent=2, default=str))
         log = CsvLog(out / "finetune_log.csv", ["step", "loss", "lr", "val_dice", "elapsed_s"],
                      resume_step=start_step or None)  # fmt: skip
     loader = make_loader(
@@ -236,47 +241,56 @@ def finetune(
     pending = PendingLosses(dist_info.rank if dist_info.enabled else None)
     rows: list[dict[str, str]] = []
     paused = False
-    for step in bar:
-        if config.freeze_encoder_steps:  # no gradient: AdamW/SGD leave weights and moments untouched
-            model.encoder.requires_grad_(step >= config.freeze_encoder_steps)
-        local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
-        pending.add(step, mean_across_ranks(local_loss, dist_info), local_loss, case_ids)
-        rows.append({"step": step + 1, "lr": f"{optimisation.lr:.3e}"})  # before the schedule steps
-        optimisation.step()
-        rows[-1]["elapsed_s"] = f"{time.perf_counter() - started:.2f}"
-        done = step + 1
-        validate_now = done % config.val_every == 0 or done == config.steps
-        save_now = done % config.checkpoint_every == 0 or done == config.steps
-        if not (validate_now or save_now):
-            continue
-        losses = pending.read()  # every rank reads at the same steps: a NaN stops them together
-        logged, rows = rows, []
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", best_dice=f"{max(best['dice'], 0):.3f}")
-        if not dist_info.is_main:
-            continue
-        val_dice = None
-        if validate_now:
-            val_dice = validate(done)
-            curve.append((done, val_dice))
-            if val_dice > best["dice"]:
-                best = {"dice": val_dice, "step": done}
-                save_segmenter(model_path, model, plan, {**info, "step": done, "val_dice": val_dice})
-        logged[-1]["val_dice"] = "" if val_dice is None else f"{val_dice:.4f}"
-        for row, loss_value in zip(logged, losses):
-            log.write(**{"val_dice": "", **row, "loss": f"{loss_value:.6f}"})
-        if save_now:
-            meta = {"kind": "finetune", "best": best, "curve": curve,
-                    "elapsed_s": time.perf_counter() - started}  # fmt: skip
-            optimisation.save(checkpoints, done, config, meta)
-        if val_dice is not None and stop is not None and stop(curve):
-            break
-        if save_now and done < config.steps and pause is not None and pause():
-            paused = True
-            break
+    with StopSignals(config.stop_signals, dist_info) as signals:
+        for step in bar:
+            if config.freeze_encoder_steps:  # no gradient: AdamW/SGD leave weights and moments untouched
+                model.encoder.requires_grad_(step >= config.freeze_encoder_steps)
+            local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
+            pending.add(step, mean_across_ranks(local_loss, dist_info), local_loss, case_ids)
+            rows.append({"step": step + 1, "lr": f"{optimisation.lr:.3e}"})  # before the schedule steps
+            optimisation.step()
+            rows[-1]["elapsed_s"] = f"{time.perf_counter() - started:.2f}"
+            done = step + 1
+            stopping = signals.requested()  # the same answer on every rank: all stop after this step
+            validate_now = done % config.val_every == 0 or done == config.steps
+            save_now = done % config.checkpoint_every == 0 or done == config.steps or stopping
+            if not (validate_now or save_now):
+                continue
+            losses = pending.read()  # every rank reads at the same steps: a NaN stops them together
+            logged, rows = rows, []
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", best_dice=f"{max(best['dice'], 0):.3f}")
+            if not dist_info.is_main:
+                if stopping:
+                    break
+                continue
+            val_dice = None
+            if validate_now:
+                val_dice = validate(done)
+                curve.append((done, val_dice))
+                if val_dice > best["dice"]:
+                    best = {"dice": val_dice, "step": done}
+                    save_segmenter(model_path, model, plan, {**info, "step": done, "val_dice": val_dice})
+            logged[-1]["val_dice"] = "" if val_dice is None else f"{val_dice:.4f}"
+            for row, loss_value in zip(logged, losses):
+                log.write(**{"val_dice": "", **row, "loss": f"{loss_value:.6f}"})
+            if save_now:
+                meta = {"kind": "finetune", "best": best, "curve": curve,
+                        "elapsed_s": time.perf_counter() - started}  # fmt: skip
+                optimisation.save(checkpoints, done, config, meta)
+            if stopping:  # even at the last step: the rerun writes last.safetensors and scores the test split
+                break
+            if val_dice is not None and stop is not None and stop(curve):
+                break
+            if save_now and done < config.steps and pause is not None and pause():
+                paused = True
+                break
     bar.close()
-    if paused:  # resumable from the checkpoint just saved: nothing final is written or scored
+    interrupted = signals.interruption(done, checkpoints.folder(done))
+    if paused or interrupted:  # resumable from the checkpoint just saved: nothing final is written or scored
+        barrier(dist_info)  # a rank that exited now would make torchrun stop rank 0 during its save
         return FinetuneResult(out, model_path, last_path, best["dice"], best["step"], curve, splits.to_dict(),
-                              None, None, time.perf_counter() - started, paused=True)  # fmt: skip
+                              None, None, time.perf_counter() - started, paused=True,
+                              interrupted=interrupted)  # fmt: skip
     barrier(dist_info)
 
     test_dice = test_hd95 = None
@@ -286,8 +300,8 @@ def finetune(
             test_dice, test_hd95 = evaluate_saved(
                 model_path, run.cache, splits.test, crop, plan, device, run.precision, best["step"]
             )
-            (out / "test_scores.json").write_text(
-                json.dumps({"dice": test_dice, "hd95": test_hd95}, indent=2)
+            atomic_write_text(
+                out / "test_scores.json", json.dumps({"dice": test_dice, "hd95": test_hd95}, indent=2)
             )
     # Only rank 0 validated and tested; every rank returns its results.
     best, curve, test_dice, test_hd95 = broadcast_from_main((best, curve, test_dice, test_hd95), dist_info)

@@ -27,6 +27,9 @@ from ..types import Triple
 from .checkpoint import CheckpointManager
 from .distributed import DistInfo, broadcast_from_main, init_distributed, no_sync, wrap_ddp
 from .optim import load_optimizer_state
+from .preemption import DEFAULT_STOP_SIGNALS, parse_signals
+
+RESUME_VALUES = (False, True, "auto")
 
 
 @dataclass(frozen=True)
@@ -60,7 +63,10 @@ class RunConfig:
     precision: str = "auto"
     device: str = "auto"
     checkpoint_every: int = 100
-    resume: bool = False
+    # True or "auto" (the same): continue from the newest intact checkpoint in out/checkpoints, or start
+    # afresh where there is none; False: a new run, refused over an earlier run's checkpoints
+    resume: bool | str = False
+    stop_signals: str = DEFAULT_STOP_SIGNALS  # stop after a step with a checkpoint (preemption.py)
     cache_dir: str | None = None
     model_overrides: dict = field(default_factory=dict)
     progress: bool = True
@@ -82,6 +88,9 @@ class RunConfig:
                 raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.resume not in RESUME_VALUES:
+            raise ValueError(f"resume must be True, False or 'auto', got {self.resume!r}")
+        parse_signals(self.stop_signals)  # an unknown name fails now, not when the signal comes
 
     @property
     def compile_mode(self) -> str | None:
@@ -206,20 +215,21 @@ class Optimisation:
         return manager.save(step, self.model, state, {**meta, "config": _settings(config)})
 
     def resume(self, manager: CheckpointManager, config: RunConfig) -> tuple[int, dict[str, Any]]:
-        """Load the newest checkpoint into model and optimisation state: (step, meta), or (0, {})
-        when there is none (a new run).
+        """Load the newest intact checkpoint into model and optimisation state: (step, meta), or
+        (0, {}) when there is none (a new run); a damaged newer one is reported and set aside
+        (:meth:`CheckpointManager.newest`).
 
         Refuses a new run (``config.resume`` off) over an earlier run's checkpoints, and resuming a
         run whose checkpoint was trained with other settings than ``config`` (see CHANGEABLE_ON_RESUME).
         """
-        latest = manager.latest()
+        if not config.resume and (found := manager.folders()):
+            raise FileExistsError(
+                f"{manager.root} holds the checkpoints of an earlier run (newest: {found[0].name}): pass "
+                "--resume auto to continue it, or choose another --out"
+            )
+        latest = manager.newest()
         if latest is None:
             return 0, {}
-        if not config.resume:
-            raise FileExistsError(
-                f"{manager.root} holds the checkpoints of an earlier run (newest: {latest.name}): pass "
-                "--resume to continue it, or choose another --out"
-            )
         # A field added to the config later: an old checkpoint ran with the field's old behaviour.
         saved = {**ADDED_FIELDS, **manager.read_meta(latest).get("config", {})}
         current = _settings(config)
@@ -253,8 +263,8 @@ def compiles_optimizer_step(config: RunConfig, precision: str, device: torch.dev
 ADDED_FIELDS = {"lr_schedule": "decay"}
 
 CHANGEABLE_ON_RESUME = frozenset({
-    "data", "out", "cache_dir", "resume", "progress", "num_workers", "loader", "device", "steps",
-    "checkpoint_every", "log_every", "preview_every", "val_every", "max_val_cases", "evaluate_test",
+    "data", "out", "cache_dir", "resume", "stop_signals", "progress", "num_workers", "loader", "device",
+    "steps", "checkpoint_every", "log_every", "preview_every", "val_every", "max_val_cases", "evaluate_test",
     "compile", "cuda_graph", "activation_checkpointing", "deterministic", "precision", "data_on_device",
     "init",  # the checkpoint's weights replace the initial ones anyway
 })  # fmt: skip

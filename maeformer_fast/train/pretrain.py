@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..data.io import atomic_write_text
 from ..device import autocast, resolve_compile
 from ..models.config import get_config
 from ..models.mae import MaskedAutoencoder, expand_units, patchify, unpatchify
@@ -23,6 +24,7 @@ from .checkpoint import CheckpointManager, unwrap
 from .distributed import barrier, mean_across_ranks
 from .loop import Optimisation, RunConfig, compiles_optimizer_step, prepare_model, setup_run
 from .optim import make_optimizer, make_scheduler, param_groups, warmup_cosine
+from .preemption import Interruption, StopSignals
 from .previews import save_reconstruction_png
 from .runtime import CsvLog, PendingLosses
 
@@ -57,7 +59,8 @@ class PretrainResult:
     wall_time_s: float
     log_path: Path
     losses: list[float]
-    paused: bool = False  # ended at a checkpoint by ``pause``: no encoder yet, resume to finish
+    paused: bool = False  # ended at a checkpoint by ``pause`` or a signal: no encoder yet, resume to finish
+    interrupted: Interruption | None = None  # the signal that ended it (preemption.py)
 
 
 def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
@@ -114,7 +117,9 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
 
     ``pause()``, asked after each checkpoint before the last step, ends the run there when it returns
     True (single process only; e.g. a time budget): the result says ``paused`` and no encoder is
-    written; a resumed run continues from that checkpoint as if it had not stopped."""
+    written; a resumed run continues from that checkpoint as if it had not stopped. A signal of
+    ``config.stop_signals`` or SIGINT ends it the same way after the step it arrived in, with a
+    checkpoint there, on every rank (the result's ``interrupted`` says which signal, and where)."""
     from ..data import make_loader
 
     run = setup_run(config)
@@ -132,7 +137,7 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
             f"{crop} crop: nothing to reconstruct (use at least {1 / math.prod(unit_grid):.3g})"
         )
     optimisation = build_optimisation(config, model, precision, device)
-    checkpoints = CheckpointManager(out / "checkpoints")
+    checkpoints = CheckpointManager(out / "checkpoints", dist=dist_info)
     start_step, meta = optimisation.resume(checkpoints, config)
     earlier_s = meta.get("elapsed_s", 0.0)  # training time before a resume, so logs count the whole run
     train_model = prepare_model(model, dist_info, device, resolve_compile(config.compile, device),
@@ -140,7 +145,7 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
                                 optimisation=optimisation)  # fmt: skip
     micro_steps = config.accumulate_steps
     if dist_info.is_main:
-        (out / "pretrain_config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+        atomic_write_text(out / "pretrain_config.json", json.dumps(asdict(config), indent=2, default=str))
     log = None
     if dist_info.is_main:
         fields = ["step", "loss", "lr", "voxels_per_s", "elapsed_s"]
@@ -176,37 +181,42 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
     pending = PendingLosses(dist_info.rank if dist_info.enabled else None)
     done = start_step
-    for step in bar:
-        local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
-        pending.add(step, mean_across_ranks(local_loss, dist_info), local_loss, current["case_ids"])
-        optimisation.step()
+    with StopSignals(config.stop_signals, dist_info) as signals:
+        for step in bar:
+            local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
+            pending.add(step, mean_across_ranks(local_loss, dist_info), local_loss, current["case_ids"])
+            optimisation.step()
 
-        done = step + 1
-        log_now = done % config.log_every == 0 or done == config.steps
-        save_now = done % config.checkpoint_every == 0 or done == config.steps
-        if log_now or save_now:  # every rank reads at the same steps: a NaN stops them together
-            losses += pending.read()
-        if dist_info.is_main:
-            if log_now:
-                session_s = time.perf_counter() - started
-                samples = config.batch_size * micro_steps * dist_info.world_size * (done - start_step)
-                voxels = math.prod(crop) * samples
-                bar.set_postfix(loss=f"{losses[-1]:.4f}", vox_s=f"{voxels / session_s:,.0f}")
-                log.write(step=done, loss=f"{losses[-1]:.6f}", lr=f"{optimisation.lr:.3e}",
-                          voxels_per_s=f"{voxels / session_s:.1f}",
-                          elapsed_s=f"{earlier_s + session_s:.2f}")  # fmt: skip
-            if done % config.preview_every == 0 or done == config.steps:
-                save_preview(out / "previews" / f"step-{done:07d}.png", model, current["images"],
-                             current["visible_ids"], current["prediction"])  # fmt: skip
-        if dist_info.is_main and save_now:
-            elapsed_s = earlier_s + time.perf_counter() - started
-            optimisation.save(checkpoints, done, config, {"kind": "pretrain", "elapsed_s": elapsed_s})
-            if done < config.steps and pause is not None and pause():
+            done = step + 1
+            stopping = signals.requested()  # the same answer on every rank: all stop after this step
+            log_now = done % config.log_every == 0 or done == config.steps
+            save_now = done % config.checkpoint_every == 0 or done == config.steps or stopping
+            if log_now or save_now:  # every rank reads at the same steps: a NaN stops them together
+                losses += pending.read()
+            if dist_info.is_main:
+                if log_now:
+                    session_s = time.perf_counter() - started
+                    samples = config.batch_size * micro_steps * dist_info.world_size * (done - start_step)
+                    voxels = math.prod(crop) * samples
+                    bar.set_postfix(loss=f"{losses[-1]:.4f}", vox_s=f"{voxels / session_s:,.0f}")
+                    log.write(step=done, loss=f"{losses[-1]:.6f}", lr=f"{optimisation.lr:.3e}",
+                              voxels_per_s=f"{voxels / session_s:.1f}",
+                              elapsed_s=f"{earlier_s + session_s:.2f}")  # fmt: skip
+                if done % config.preview_every == 0 or done == config.steps:
+                    save_preview(out / "previews" / f"step-{done:07d}.png", model, current["images"],
+                                 current["visible_ids"], current["prediction"])  # fmt: skip
+            if dist_info.is_main and save_now:
+                elapsed_s = earlier_s + time.perf_counter() - started
+                optimisation.save(checkpoints, done, config, {"kind": "pretrain", "elapsed_s": elapsed_s})
+                if done < config.steps and pause is not None and pause():
+                    break
+            if stopping:  # even at the last step: the encoder is written by the rerun
                 break
     bar.close()
 
     encoder_path = out / "encoder.safetensors"
-    paused = done < config.steps
+    interrupted = signals.interruption(done, checkpoints.folder(done))
+    paused = done < config.steps or interrupted is not None
     if dist_info.is_main and not paused:
         info = {"mask_ratio": config.mask_ratio, "steps": config.steps, "encoder_mode": config.encoder,
                 "data": str(config.data), "crop_size": list(crop)}  # fmt: skip
@@ -221,6 +231,7 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
         log_path=out / "pretrain_log.csv",
         losses=losses,
         paused=paused,
+        interrupted=interrupted,
     )
 
 

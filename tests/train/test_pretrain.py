@@ -141,7 +141,9 @@ def test_run_folders_are_never_silently_reused_or_misread(phantom_cache, tmp_pat
         pretrain(config(phantom_cache, out, steps=2))
     with pytest.raises(ValueError, match=r"other settings \(lr 0.0005 -> 0.001\)"):
         pretrain(config(phantom_cache, out, steps=4, lr=1e-3, resume=True))
-    (out / "checkpoints" / "step-0000002" / "state.pt").write_bytes(b"garbage")
+    # Every checkpoint damaged (a damaged newest alone falls back to the one before: test_faults.py).
+    for step in ("step-0000001", "step-0000002"):
+        (out / "checkpoints" / step / "state.pt").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"step-0000002/state.pt: not a readable training state"):
         pretrain(config(phantom_cache, out, steps=4, resume=True))
 
