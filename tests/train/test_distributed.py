@@ -128,6 +128,52 @@ def test_torchrun_pretraining_from_raw_data_equals_one_process_on_the_global_bat
     assert (out / "checkpoints" / "latest").read_text() == "step-0000006"
 
 
+def test_two_torchrun_agents_train_like_one_process_on_the_global_batch(
+    phantom_cache, tmp_path, fixed_batches
+):
+    """Two nodes, simulated: two torchrun agents of one process each (``--nnodes 2``, c10d rendezvous
+    on 127.0.0.1, as on two machines) train the MAE on the fixed batches (batch 1 each) to the weights
+    of one process on the global batch of 2, to 1e-6 (momentum SGD, no clipping: a gradient of another
+    scale shows), the tolerance of the single-node 2-rank test above. Mutation seen failing: each
+    rank's loss times the world size in ``Optimisation.accumulate`` (the gradients summed, not
+    averaged)."""
+    out = tmp_path / "two_nodes"
+    fields = {**MAE_RUN, "data": str(phantom_cache), "out": str(out), "batch_size": 1}
+    endpoint = f"127.0.0.1:{free_port()}"
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes",
+                "2",
+                "--nproc_per_node",
+                "1",
+                "--rdzv-backend",
+                "c10d",
+                "--rdzv-endpoint",
+                endpoint,
+                "--rdzv-id",
+                "two-nodes",
+                fixed.__file__,
+                json.dumps(fields),
+            ],
+            env=one_thread_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    logs = [agent.communicate(timeout=240)[0] for agent in agents]
+    assert [a.returncode for a in agents] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    single = pt.pretrain(
+        pt.PretrainConfig(**MAE_RUN, data=str(phantom_cache), out=str(tmp_path / "one"), batch_size=2)
+    )
+    assert_same_weights(final_weights(out), final_weights(single.out), "2 nodes x 1 vs 1 process x 2")
+
+
 def test_torchrun_pretraining_with_per_rank_masks_equals_one_process_on_the_global_batch(
     phantom_cache, tmp_path, fixed_batches, monkeypatch
 ):
