@@ -19,8 +19,8 @@
 # (benchmarks/RESULTS.md; the model alone, the optimizer step has been compiled too since), and this
 # two calls hold eleven of them, ~12 minutes one after another. So:
 #  1. Warm, 0-150 s: all compile at once, one process per (case, shape) -- five `maeformer bench
-#     --seconds 0` (Synapse b8 sparse and dense, fine-tuning b2, Synapse b2 sparse and dense), each
-#     compiling its captured mode, and official_step.py's captured step -- niced, next to the GPU
+#     --seconds 0 --no-flops` (Synapse b8 sparse and dense, fine-tuning b2, Synapse b2 sparse and
+#     dense), each compiling its captured mode, and official_step.py's captured step -- niced, next to the GPU
 #     tests, with 2 compile threads each (six compiling processes and two tests on 16 cores: the
 #     2026-11-29 run gave eight processes 4 threads each, and one cold compile alone took 60-78 s).
 #     The small config at batch 32 warms up in gpu_feed_check.sh, the call that measures it. A
@@ -85,7 +85,7 @@ background kernel_tests python -m pytest -q -p no:cacheprovider tests/ops/test_s
     tests/models/test_sparse_encoder.py tests/ops/test_window_attention.py -k "triton and not in_interpreter"
 background captured_step_test python -m pytest -q -p no:cacheprovider tests/train/test_captured_step.py
 export NICE=5 TORCHINDUCTOR_COMPILE_THREADS=2 # six compiling processes and two tests share 16 cores
-warm=("${bench[@]}" --seconds 0)
+warm=("${bench[@]}" --seconds 0 --no-flops)
 background warm_b8_sparse "${warm[@]}" "${synapse[@]}" --batch-size 8 --cases sparse --modes captured
 background warm_b8_dense "${warm[@]}" "${synapse[@]}" --batch-size 8 --cases dense --modes captured
 background warm_finetune "${warm[@]}" "${synapse[@]}" --batch-size 2 --cases finetune --modes captured

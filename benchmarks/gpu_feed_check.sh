@@ -51,7 +51,7 @@ source benchmarks/gpu_limited.sh # limited NAME LIMIT COMMAND..., software_versi
 
 # 1. Warm-ups, in parallel: the random-tensor steps, and a short real run (preprocessing included).
 (timeout "$warm_until" "${cli[@]}" bench "${setting[@]}" --cases sparse,dense --modes "$modes" --seconds 0 \
-    >"$scratch/warm_bench.log" 2>&1; echo "warm_bench: exit $?" >>"$scratch/status") &
+    --no-flops >"$scratch/warm_bench.log" 2>&1; echo "warm_bench: exit $?" >>"$scratch/status") &
 (timeout "$warm_until" "${cli[@]}" pretrain --data "$data" --out "$scratch/warm_run" --steps 20 "$compile" \
     "${setting[@]}" "${quiet[@]}" >"$scratch/warm_run.log" 2>&1; echo "warm_run: exit $?" >>"$scratch/status") &
 wait

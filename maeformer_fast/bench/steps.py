@@ -232,6 +232,7 @@ def bench(
     peak: float | None = None,
     on_row: Callable[[dict], None] | None = None,
     flops_cache: Path | None = None,
+    count_flops: bool = True,
 ) -> list[dict]:
     """Time the training steps of ``cases`` (sparse / dense MAE pretraining, fine-tuning) of ``model`` in
     each of ``modes`` (eager, compiled, captured; default :func:`default_modes`), one after another in
@@ -244,9 +245,9 @@ def bench(
     flops (counted per step, :func:`case_flops`), tflops and mfu (a fraction, None without a peak) --
     or ``skipped`` / ``error`` instead of the figures.
 
-    ``seconds`` 0 is a warm-up (it fills the compile caches): no FLOPs are counted. ``flops_cache``, a
-    JSON file, keeps each count for later processes (counting one Synapse sample takes a while on the
-    CPU; the GPU scripts run several benches of the same cases).
+    ``count_flops`` off (a warm-up that only fills the compile caches) leaves out the FLOPs and MFU.
+    ``flops_cache``, a JSON file, keeps each count for later processes (counting one Synapse sample
+    takes a while on the CPU; the GPU scripts run several benches of the same cases).
     """
     torch_device = use_device(device)
     resolved = resolve_precision(precision, torch_device)
@@ -264,7 +265,7 @@ def bench(
             row = {**setting, "case": case, "mode": mode,
                    **measure_case(case, mode, model, crop, batch_size, resolved, torch_device, seconds,
                                   overrides)}  # fmt: skip
-            if "ms_per_step" in row and seconds > 0:
+            if "ms_per_step" in row and count_flops:
                 if case not in flops:
                     flops[case] = cached_case_flops(flops_cache, case, model, crop, batch_size, overrides)
                 row["flops"] = flops[case]

@@ -243,7 +243,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = bench(args.model, args.crop_size, args.batch_size, args.device, args.precision, args.seconds,
                  args.compile, modes=args.modes, cases=args.cases, peak=args.peak_tflops,
                  on_row=write if args.json else None,
-                 flops_cache=Path(args.flops_cache) if args.flops_cache else None)  # fmt: skip
+                 flops_cache=Path(args.flops_cache) if args.flops_cache else None,
+                 count_flops=args.flops)  # fmt: skip
     print("\n".join(format_table(rows)))
     return 1 if any("error" in r for r in rows) else 0
 
@@ -337,8 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     ben.add_argument("--json", default=None, metavar="PATH",
                      help="also append each row to PATH as a JSON line, when measured")  # fmt: skip
     ben.add_argument("--seconds", type=float, default=5.0,
-                     help="timing per case after a warm-up step; 0 only warms up (compiles; no FLOPs "
-                     "counted) (default: 5)")  # fmt: skip
+                     help="timing per case after a warm-up step (default: 5)")  # fmt: skip
+    ben.add_argument("--flops", action=argparse.BooleanOptionalAction, default=True,
+                     help="count each case's FLOPs for MFU (on the CPU; --no-flops for warm-ups that "
+                     "only compile) (default: on)")  # fmt: skip
     ben.add_argument(
         "--flops-cache",
         default=None,

@@ -1,5 +1,5 @@
 """`maeformer bench --flops-cache`: each case's FLOPs are counted once across processes (the GPU scripts
-run several benches of the same cases), and a warm-up (``--seconds 0``) counts none."""
+run several benches of the same cases), and a warm-up (``--no-flops``) counts none."""
 
 from __future__ import annotations
 
@@ -29,13 +29,14 @@ def test_counted_once_per_case_and_scaled_by_the_batch(monkeypatch, tmp_path: Pa
 
 
 def test_a_warm_up_counts_no_flops(monkeypatch) -> None:
-    """``seconds=0`` (the GPU scripts' compile warm-ups): the row is measured, no FLOPs are counted.
-    Mutation caught: counting whenever a row has ``ms_per_step`` (the counter is called)."""
+    """``count_flops`` off (``--no-flops``: the GPU scripts' compile warm-ups): the row is measured, no
+    FLOPs are counted. Mutation caught: counting whenever a row has ``ms_per_step`` (the counter is
+    called)."""
 
     def never(*args):
         raise AssertionError("FLOPs counted in a warm-up")
 
     monkeypatch.setattr(steps, "cached_case_flops", never)
     rows = steps.bench("small", (16, 16, 16), 1, "cpu", "fp32", 0.0, False, {"embed_dim": 8},
-                       modes=["eager"], cases=["sparse"])  # fmt: skip
+                       modes=["eager"], cases=["sparse"], count_flops=False)  # fmt: skip
     assert "ms_per_step" in rows[0] and "flops" not in rows[0]
