@@ -28,6 +28,13 @@ def nifti_files(path: Path) -> list[Path]:
     return files
 
 
+def files_by_case(folder: Path) -> dict[str, Path]:
+    """Case name (the file name without its NIfTI suffix) -> file, for the NIfTI files of ``folder``."""
+    from ..data.io import strip_nifti_suffix
+
+    return {strip_nifti_suffix(p.name): p for p in nifti_files(folder)}
+
+
 def group_channels(files: list[Path], num_channels: int) -> dict[str, list[Path]]:
     """Case name -> channel files. Multi-channel inputs follow nnU-Net naming (case_0000.nii.gz, ...)."""
     from ..data.io import strip_nifti_suffix
@@ -74,6 +81,10 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
     out.mkdir(parents=True, exist_ok=True)
     written, problems = [], []
     cases = group_channels(nifti_files(Path(inputs)), plan["num_channels"])
+    # The reference label maps by case name, listed once (multi-channel inputs: the case, not the file).
+    references = {}
+    if png and reference is not None:
+        references = files_by_case(Path(reference))
     for name, files in tqdm(sorted(cases.items()), desc="predict", unit="case"):
         try:
             image, geometry = preprocess_volume(files if len(files) > 1 else files[0], plan)
@@ -85,27 +96,25 @@ def predict(model_path: str | Path, inputs: str | Path, out: str | Path, device:
         restored, affine = restore_to_original(labels, geometry)
         written.append(write_nifti(out / f"{name}.nii.gz", restored.astype(np.uint8), affine))
         if png:
-            case_picture(out / "png" / f"{name}.png", files[0], restored, reference, num_classes)
+            case_picture(
+                out / "png" / f"{name}.png", name, files[0], restored, references.get(name), num_classes
+            )
     if problems:
         raise DatasetError(problems, f"{inputs} (its {len(written)} readable inputs are predicted in {out})")
     return written
 
 
 def case_picture(
-    path: Path, image_file: Path, labels: np.ndarray, reference: str | Path | None, num_classes: int
+    path: Path, name: str, image_file: Path, labels: np.ndarray, reference: Path | None, num_classes: int
 ) -> Path:
-    """:func:`.pictures.segmentation_png` of one predicted case in its input's own voxel grid: the
-    image read again from ``image_file``, ``labels`` (Z, Y, X) as written, and the case's label map
-    from the ``reference`` folder where it has one (then Dice per class in the title)."""
-    from ..data.io import read_volume, strip_nifti_suffix
+    """:func:`.pictures.segmentation_png` of case ``name`` in its input's own voxel grid: the image read
+    again from ``image_file`` (its first channel), ``labels`` (Z, Y, X) as written, and the label map
+    ``reference`` where the case has one (then Dice per class in the title)."""
+    from ..data.io import read_volume
 
-    name = strip_nifti_suffix(image_file.name)
     image = read_volume(image_file).data
     image = image[..., 0] if image.ndim == 4 else image  # the first channel of a 4D input
-    truth = None
-    if reference is not None:
-        matches = [p for p in nifti_files(Path(reference)) if strip_nifti_suffix(p.name) == name]
-        truth = read_volume(matches[0], kind="label").data if matches else None
+    truth = None if reference is None else read_volume(reference, kind="label").data
     title = name
     if truth is not None:
         title = dice_title(name, {str(c): dice(labels == c, truth == c) for c in range(1, num_classes)})
@@ -122,10 +131,9 @@ def evaluate(pred: str | Path, ref: str | Path, out: str | Path | None = None,
     and class) and ``scores.json`` (per case and summary: mean, std, count per class) to ``out``
     (default: ``pred``). Empty-mask conventions are those of :mod:`maeformer_fast.inference.metrics`.
     """
-    from ..data.io import read_volume, strip_nifti_suffix
+    from ..data.io import read_volume
 
-    pred_files = {strip_nifti_suffix(p.name): p for p in nifti_files(Path(pred))}
-    ref_files = {strip_nifti_suffix(p.name): p for p in nifti_files(Path(ref))}
+    pred_files, ref_files = files_by_case(Path(pred)), files_by_case(Path(ref))
     missing = sorted(set(ref_files) - set(pred_files))
     if missing:
         raise FileNotFoundError(f"{pred}: no prediction for reference cases {missing[:10]}")
