@@ -18,7 +18,8 @@ from maeformer_fast.inference.pictures import (
 
 
 def test_outline_of_a_square_is_its_border():
-    """A 4x4 square in a 6x6 image: its 12 border pixels, not its 4 inner ones (hand-counted)."""
+    """A 4x4 square in a 6x6 image: its 12 border pixels, not its 4 inner ones (hand-counted). Mutation
+    seen failing: ``outline`` returning the inside (``mask & inner``)."""
     mask = np.zeros((6, 6), bool)
     mask[1:5, 1:5] = True
     edge = outline(mask)
@@ -57,6 +58,7 @@ def test_png_size_and_outline_colours(tmp_path):
 
 
 def test_dice_title():
+    """Mutation seen failing: a NaN Dice printed as ``nan`` instead of ``n/a``."""
     assert (
         dice_title("hippocampus_001", {"1": 0.8123, "2": float("nan")})
         == "hippocampus_001: Dice 1 0.812, 2 n/a"
