@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from typing import Any
 
@@ -17,7 +18,8 @@ def add_dataclass_arguments(
 ) -> None:
     """One option per field of ``cls`` (positional-free): ``--crop-size Z Y X``, ``--resume/--no-resume``.
 
-    Required fields (no default) become required options; dict fields and ``skip`` are left out.
+    Required fields (no default) become required options; dict fields take a JSON object; ``skip``
+    and other structured fields are left out.
     """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -46,16 +48,33 @@ def add_dataclass_arguments(
             )
         elif base in (int, float, str):
             kwargs.update(type=base, default=default)
-        else:  # dicts and other structured fields are for the Python API only
+        elif base is dict:  # e.g. --model-overrides '{"depths": [2, 2, 2]}'
+            kwargs.update(type=json_object, default=None, metavar="JSON")
+            kwargs["help"] = text
+        else:  # other structured fields are for the Python API only
             continue
         parser.add_argument(_option(f.name), **kwargs)
 
 
+def json_object(text: str) -> dict:
+    """A JSON object given on the command line; anything else is an argparse error that says so."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error.msg} at character {error.pos}): {text}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"a JSON object ({{...}}) is needed, got: {text}")
+    return value
+
+
 def dataclass_from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
-    """Build ``cls`` from the parsed options that belong to it (tuples restored), plus ``extra``."""
+    """Build ``cls`` from the parsed options that belong to it (tuples restored), plus ``extra``; an
+    unset dict option keeps the field's default."""
     values = {}
     for f in dataclasses.fields(cls):
         if hasattr(args, f.name):
             value = getattr(args, f.name)
+            if value is None and f.default_factory is not dataclasses.MISSING:
+                continue
             values[f.name] = tuple(value) if isinstance(value, list) else value
     return cls(**{**values, **extra})

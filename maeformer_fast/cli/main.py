@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +15,13 @@ if TYPE_CHECKING:  # the training modules import torch: the command line loads t
     from ..train.preemption import Interruption
 
 PRETRAIN_HELP = {
-    "data": "raw dataset folder (Decathlon layout or a folder of NIfTI volumes) or a preprocessing cache",
+    "data": "raw dataset folder (Decathlon / nnU-Net v2 layout or a folder of NIfTI volumes), an nnU-Net v2 "
+    "preprocessed configuration folder (e.g. $nnUNet_preprocessed/Dataset004_Hippocampus/"
+    "nnUNetPlans_3d_fullres) or a preprocessing cache",
     "out": "output folder: encoder.safetensors, checkpoints/, pretrain_log.csv, previews/",
     "model": "model config: small, synapse, acdc, tumor",
-    "crop_size": "crop in voxels, a multiple of the mask unit (default: the model config's crop)",
+    "crop_size": "crop in voxels, a multiple of the mask unit (default: the model config's crop; for an "
+    "nnU-Net configuration folder, the plans' patch size rounded up to the mask unit)",
     "mask_ratio": "share of mask units hidden from the encoder",
     "encoder": "sparse = visible tokens only (MAE); dense = SimMIM-style baseline with mask tokens",
     "steps": "optimizer steps of the whole run",
@@ -38,8 +40,12 @@ PRETRAIN_HELP = {
     "stop_signals": "signals that stop the run after the current step with a checkpoint, exit code 75 "
     "(comma-separated, or none); Ctrl-C (SIGINT) always does, with exit code 130",
     "cache_dir": "where to build the preprocessing cache of a raw dataset",
+    "model_overrides": "model config fields to change, as JSON, e.g. the study's 3-stage encoder: "
+    '\'{"depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_sizes": [[4, 4, 4], [4, 4, 4], [4, 4, 4]]}\'',
     "progress": "show a progress bar",
     "deterministic": "use deterministic kernels so that a resumed run is bit-identical (a bit slower)",
+    "tensorboard": "also write TensorBoard events to OUT/tensorboard (losses, lr, validation Dice, previews; "
+    'needs pip install -e ".[tensorboard]"); the CSV log is written either way',
 }
 
 
@@ -59,23 +65,44 @@ FINETUNE_HELP = {
     "data": "raw labeled dataset folder (Decathlon layout) or a preprocessing cache",
     "out": "output folder: model.safetensors (best validation), last.safetensors, checkpoints/, logs",
     "init": "encoder.safetensors from `maeformer pretrain` (default: train from scratch)",
-    "model": "model config: small, synapse, acdc, tumor (must match the encoder's)",
+    "model": "model config: small, synapse, acdc, tumor (default: with --init the encoder file's settings, "
+    "else small)",
+    "recipe": "defaults for the optimisation options left unset: mae (lr 3e-3, warmup 1000, layer decay "
+    "0.75, encoder frozen 500 steps, constant lr), scratch (lr 2e-2, warmup 1000, constant lr) -- the "
+    "converged hippocampus study's choices -- or none (the optimizer's defaults); auto: mae with --init, "
+    "else scratch (default: auto)",
+    "steps": "optimizer steps; with --until-plateau the maximum (default: 300, or with --until-plateau "
+    "the recipe's maximum: mae 8000, scratch 28000)",
+    "until_plateau": "stop when validation Dice has plateaued (no gain above --plateau-min-delta over "
+    "--plateau-patience validations, after --plateau-min-steps); the best model is kept",
+    "plateau_patience": "validations without a gain before --until-plateau stops",
+    "plateau_min_delta": "the smallest validation Dice gain that counts for --until-plateau",
+    "plateau_min_steps": "--until-plateau never stops before this step",
+    "freeze_encoder_steps": "keep the pretrained encoder's weights fixed for the first N steps "
+    "(default: from the recipe)",
+    "warmup_steps": "linear warmup steps (default: from the recipe; none: 5%% of steps)",
+    "weight_decay": "AdamW/SGD weight decay (default: from the recipe; none: adamw 0.01, sgd 3e-5)",
     "crop_size": "training crop and sliding window in voxels (default: the model config's crop)",
     "labeled": "number of labeled training cases to use (default: the whole training pool)",
     "labeled_fraction": "share of the training pool to use instead of --labeled",
     "seed": "training seed; also picks the labeled subset",
     "split_seed": "seed of the fixed test/validation split (keep it fixed across runs you compare)",
-    "steps": "optimizer steps",
     "optimizer": "adamw (warmup + cosine) or sgd (nesterov 0.99, poly 0.9: the nnU-Net recipe)",
-    "lr": "peak learning rate (default: adamw 1e-3, sgd 1e-2)",
+    "lr": "peak learning rate (default: from the recipe, scaled by sqrt(batch / 2); none: adamw 1e-3, "
+    "sgd 1e-2)",
     "lr_schedule": "decay: the optimizer's decay over --steps (adamw cosine, sgd poly); constant: warmup, "
-    "then the peak lr (for runs a stopping rule ends, where --steps is only a maximum)",
-    "layer_decay": "layer-wise lr decay for the pretrained encoder (1 = off)",
+    "then the peak lr (for runs a stopping rule ends, where --steps is only a maximum) (default: from "
+    "the recipe)",
+    "layer_decay": "layer-wise lr decay for the pretrained encoder (1 = off) (default: from the recipe)",
     "val_every": "validate (sliding-window Dice) every N steps",
     "evaluate_test": "score the best model on the test split at the end",
-    **{k: PRETRAIN_HELP[k] for k in ("loader", "precision", "device", "resume", "cache_dir", "progress")},
+    **{
+        k: PRETRAIN_HELP[k]
+        for k in ("loader", "precision", "device", "resume", "cache_dir", "progress", "model_overrides")
+    },
     "stop_signals": PRETRAIN_HELP["stop_signals"],
     "deterministic": PRETRAIN_HELP["deterministic"],
+    "tensorboard": PRETRAIN_HELP["tensorboard"],
     **SCALING_HELP,
     "accumulate_steps": SCALING_HELP["accumulate_steps"]
     + "; the Dice term is a batch Dice per micro-batch and rank",
@@ -133,16 +160,9 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def report_finetune(result) -> None:
-    curve = ", ".join(f"{step}: {dice:.3f}" for step, dice in result.curve)
-    print(f"fine-tuned in {result.wall_time_s:.0f} s; validation mean Dice by step: {curve}")
-    print(f"best model (step {result.best_step}, val Dice {result.best_val_dice:.4f}): {result.model_path}")
-    if result.test_dice:
-        print(f"test split ({len(result.splits['test'])} cases): Dice {result.test_dice}")
-
-
 def cmd_finetune(args: argparse.Namespace) -> int:
     from ..train.finetune import FinetuneConfig, finetune
+    from .report import report_finetune
 
     config = dataclass_from_args(FinetuneConfig, args)
     result = finetune(config)
@@ -249,55 +269,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if any("error" in r for r in rows) else 0
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Phantoms -> MAE pretraining -> fine-tuning from the encoder -> prediction -> evaluation."""
-    import json
-
-    from ..data import make_phantoms
-    from ..inference.predict import evaluate, format_table, predict
-    from ..train.finetune import FinetuneConfig, finetune
-    from ..train.pretrain import PretrainConfig, pretrain
-
-    out = Path(args.out)
-    runs, marker = (out / "pretrain", out / "finetune"), out / ".maeformer-demo"
-    if any(run.exists() for run in runs) and not marker.exists():
-        raise FileExistsError(
-            f"{out} holds pretrain/ or finetune/ runs not made by the demo: use another --out"
-        )
-    for run in runs:  # an earlier demo's runs: the demo starts them afresh
-        shutil.rmtree(run, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    marker.write_text("made by `maeformer demo`, which restarts its runs in this folder\n")
-    data = make_phantoms(out / "phantoms", seed=args.seed)
-    print(f"generated phantom dataset: {data}")
-    pre = pretrain(PretrainConfig(data=str(data), out=str(out / "pretrain"), steps=args.pretrain_steps,
-                                  seed=args.seed, checkpoint_every=args.pretrain_steps))  # fmt: skip
-    print(f"pretrained {pre.steps} steps in {pre.wall_time_s:.0f} s: masked-unit loss "
-          f"{pre.losses[0]:.3f} -> {pre.final_loss:.3f}; encoder: {pre.encoder_path}")  # fmt: skip
-    fine = finetune(FinetuneConfig(data=str(data), out=str(out / "finetune"), init=str(pre.encoder_path),
-                                   steps=args.finetune_steps, val_every=max(args.finetune_steps // 4, 1),
-                                   seed=args.seed, evaluate_test=False))  # fmt: skip
-    report_finetune(fine)
-    test_images, test_labels = out / "test" / "images", out / "test" / "labels"
-    for folder in (test_images, test_labels):
-        folder.mkdir(parents=True, exist_ok=True)
-    dataset = json.loads((data / "dataset.json").read_text())
-    for entry in dataset["training"]:
-        name = Path(entry["image"]).name
-        if name.split(".")[0] in fine.splits["test"]:
-            (test_images / name).write_bytes((data / entry["image"]).read_bytes())
-            (test_labels / name).write_bytes((data / entry["label"]).read_bytes())
-    predict(fine.model_path, test_images, out / "predictions", png=True, reference=test_labels)
-    result = evaluate(out / "predictions", test_labels)
-    print(f"test cases {fine.splits['test']}, predicted in their original geometry:")
-    print(format_table(result["summary"]))
-    print(f"pictures (reference green, prediction red): {out / 'predictions' / 'png'}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from ..train.finetune import FinetuneConfig
     from ..train.pretrain import PretrainConfig
+    from .demo import add_demo_command
 
     parser = argparse.ArgumentParser(
         prog="maeformer",
@@ -308,12 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="print versions, devices and usable optional backends")
     info.set_defaults(func=cmd_info)
 
-    demo = sub.add_parser("demo", help="the main job end to end on a generated phantom dataset (CPU-sized)")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--pretrain-steps", type=int, default=150, help="pretraining steps (default: 150)")
-    demo.add_argument("--finetune-steps", type=int, default=200, help="fine-tuning steps (default: 200)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the phantoms and the runs (default: 0)")
-    demo.set_defaults(func=cmd_demo)
+    add_demo_command(sub)
 
     ben = sub.add_parser(
         "bench", help="training-step speed on this machine: sparse vs dense MAE, fine-tuning"
@@ -417,10 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     from .data import add_commands
+    from .nnunet import add_trainer_commands
+    from .nnunet_data import register as add_nnunet_commands
+    from .report import register as add_report_command
     from .study import add_study_command
 
     add_commands(sub)
     add_study_command(sub)
+    add_report_command(sub)
+    add_trainer_commands(sub)
+    add_nnunet_commands(sub)  # last: wraps pretrain, finetune and preprocess, registered above
     return parser
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Problem
-from .io import is_nifti, strip_nifti_suffix
+from .io import NIFTI_SUFFIXES, is_nifti, strip_nifti_suffix
 
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
@@ -83,6 +83,13 @@ def _scan_decathlon(root: Path) -> tuple[DatasetLayout | None, list[Problem]]:
                 raise ValueError("top level is not an object")
         except ValueError as exc:
             return None, [Problem(str(meta_path), f"invalid dataset.json ({exc})")]
+    ending = meta.get("file_ending")  # nnU-Net v2: the one image format of the dataset
+    if isinstance(ending, str) and not ending.endswith(NIFTI_SUFFIXES):
+        message = (
+            f"file_ending {ending!r}: maeformer reads NIfTI (.nii, .nii.gz) images only; convert them, or "
+            "preprocess the dataset with nnUNetv2_plan_and_preprocess and pass its 3d configuration folder"
+        )
+        return None, [Problem(str(meta_path), message)]
     channel_names = _channel_names(meta)
     labels = _labels(meta)
     n_channels = len(channel_names)

@@ -35,12 +35,17 @@ def make_phantoms(
     shape: Sequence[int] = (48, 64, 64),
     num_classes: int = 3,
     seed: int = 0,
+    class_step: float = 20.0,
+    bias: float = 0.2,
 ) -> Path:
     """Write a phantom dataset to ``out`` (Decathlon layout) and return ``out``.
 
     ``shape``: (Z, Y, X) voxels, the order of the preprocessed arrays (NIfTI files store (X, Y, Z) with
     an identity-direction RAS affine). ``num_classes`` counts background: 3 gives labels 0, 1, 2
     (2-5 allowed). Deterministic per ``seed``: case i is drawn from ``default_rng([seed, i])``.
+    Difficulty: class c differs from the body by 10 + ``class_step`` * c intensity units (body 100,
+    texture s.d. 10), and a smooth multiplicative bias field exp(``bias`` * noise) blurs those levels
+    across a volume (0.2: about +-20%).
     """
     if not 2 <= num_classes <= 5:
         raise ValueError(f"num_classes must be 2..5 (background included), got {num_classes}")
@@ -52,7 +57,8 @@ def make_phantoms(
     affine = np.diag([SPACING[2], SPACING[1], SPACING[0], 1.0])
     training, test = [], []
     for i in range(num_labeled + num_unlabeled):
-        image, label = _phantom(np.random.default_rng([seed, i]), tuple(shape), num_classes)
+        rng = np.random.default_rng([seed, i])
+        image, label = _phantom(rng, tuple(shape), num_classes, class_step, bias)
         name = f"phantom_{i:03d}.nii.gz"
         # (Z, Y, X) -> NIfTI (X, Y, Z) so that preprocessing (RAS, then transpose) gives back (Z, Y, X).
         if i < num_labeled:
@@ -100,7 +106,7 @@ def _interp_matrix(n: int, cells: int) -> np.ndarray:
 
 
 def _phantom(
-    rng: np.random.Generator, shape: tuple[int, ...], num_classes: int
+    rng: np.random.Generator, shape: tuple[int, ...], num_classes: int, class_step: float, bias: float
 ) -> tuple[np.ndarray, np.ndarray]:
     """One (image float32 (Z, Y, X), label uint8 (Z, Y, X)) pair."""
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s, dtype=np.float32) for s in shape], indexing="ij"))
@@ -118,8 +124,8 @@ def _phantom(
     )
     image[body] = 100.0 + 10.0 * _smooth_noise(rng, shape, 8)[body]
     # Organs: at least one per class, classes in random order; later blobs overlap earlier ones. Class c
-    # is brighter or darker than the body by 10 + 20 c (random sign per blob): every class has its own
-    # two intensity levels, at least 2 texture deviations from the body, so a short training learns all.
+    # is brighter or darker than the body by 10 + class_step * c (random sign per blob): every class has
+    # its own two intensity levels, at least 2 texture deviations from the body (class_step 20).
     classes = list(range(1, num_classes)) + list(rng.integers(1, num_classes, rng.integers(1, 4)))
     rng.shuffle(classes)
     texture = _smooth_noise(rng, shape, 12)
@@ -127,11 +133,11 @@ def _phantom(
         radii = rng.uniform(0.18, 0.4, 3) * (min(size) / size) ** 0.5
         centre = rng.uniform(-0.45, 0.45, 3)
         organ = _blob(grid, rng, centre, radii, wobble=0.25, noise=_smooth_noise(rng, shape, 6)) & body
-        mean = 100.0 + (10.0 + 20.0 * cls) * rng.choice([-1, 1]) + rng.normal(0, 3)
+        mean = 100.0 + (10.0 + class_step * cls) * rng.choice([-1, 1]) + rng.normal(0, 3)
         image[organ] = mean + 8.0 * texture[organ]
         label[organ] = cls
-    bias = np.exp(0.2 * _smooth_noise(rng, shape, 2))
-    image = image * bias + rng.normal(0.0, 4.0, shape).astype(np.float32) * body
+    field = np.exp(bias * _smooth_noise(rng, shape, 2))
+    image = image * field + rng.normal(0.0, 4.0, shape).astype(np.float32) * body
     return np.maximum(image, 0).astype(np.float32), label
 
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import warnings
@@ -41,6 +42,7 @@ from .validate import LoadedCase, load_case
 FG_SAMPLES_PER_CLASS = 10_000  # foreground voxels kept per class for oversampling (as nnU-Net)
 CT_SAMPLES_PER_CASE = 2_000  # foreground intensities per case for the dataset-level CT percentiles
 FINGERPRINT_FILE = "fingerprint.json"
+NNUNET_DATASET_NAME = re.compile(r"Dataset\d{3}_")  # nnU-Net v2 dataset folders: Dataset004_Hippocampus
 
 
 def default_workers() -> int:
@@ -126,10 +128,15 @@ def preprocess_dataset(
 
 def default_cache_dir(src: str | Path) -> Path:
     """``<src>/../<name>_maeformer_cache``, or ``~/.cache/maeformer_fast/<name>-<hash>`` when the
-    folder above ``src`` is not writable (e.g. a read-only shared dataset)."""
+    folder above ``src`` is not writable (e.g. a read-only shared dataset).
+
+    Next to an nnU-Net ``DatasetXXX_Name`` folder it is ``maeformer_cache_<name>`` instead: nnU-Net
+    takes every folder of nnUNet_raw whose name starts with ``DatasetXXX`` for dataset XXX, and refuses
+    the id when there are two."""
     src = Path(src).resolve()
     if _writable(src.parent):
-        return src.parent / f"{src.name}_maeformer_cache"
+        nnunet = NNUNET_DATASET_NAME.match(src.name)
+        return src.parent / (f"maeformer_cache_{src.name}" if nnunet else f"{src.name}_maeformer_cache")
     digest = hashlib.sha1(str(src).encode()).hexdigest()[:10]
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "maeformer_fast" / f"{src.name}-{digest}"
@@ -376,18 +383,23 @@ def _make_plan(
         "normalization": norm,
         "labels": labels,
     }
+    return hashed_plan(
+        core,
+        name=layout.name,
+        source=str(layout.root.resolve()),
+        modality=[n["scheme"] for n in norm],
+        num_classes=(max(layout.labels) + 1) if layout.labels else None,
+        num_channels=len(layout.channel_names),
+        cases=[{"id": c.case_id, "has_label": c.label is not None, "split": c.split} for c in cases],
+        skipped=[{"path": p.path, "problem": p.message} for p in problems],
+    )
+
+
+def hashed_plan(core: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    """A cache's plan: ``core`` (what the cached voxels depend on), its hash, which tells a cache built
+    under other settings apart, and the other ``fields``."""
     plan_hash = hashlib.sha1(json.dumps(core, sort_keys=True).encode()).hexdigest()[:16]
-    return {
-        **core,
-        "plan_hash": plan_hash,
-        "name": layout.name,
-        "source": str(layout.root.resolve()),
-        "modality": [n["scheme"] for n in norm],
-        "num_classes": (max(layout.labels) + 1) if layout.labels else None,
-        "num_channels": len(layout.channel_names),
-        "cases": [{"id": c.case_id, "has_label": c.label is not None, "split": c.split} for c in cases],
-        "skipped": [{"path": p.path, "problem": p.message} for p in problems],
-    }
+    return {**core, "plan_hash": plan_hash, **fields}
 
 
 def _stamps(case: CaseFiles) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ from torch import nn
 
 from ..data.cache import open_case
 from .metrics import per_class_scores
+from .pictures import dice_title, segmentation_png
 from .sliding_window import sliding_window_predict
 
 
@@ -36,8 +37,11 @@ def score_cases(
     with_hd95: bool = False,
     overlap: float = 0.5,
     mirror: bool = False,
+    pictures: Path | None = None,
 ) -> dict[str, dict[int, dict[str, float]]]:
-    """{case: {class: {"dice", "hd95"}}} over foreground classes, computed in preprocessed space."""
+    """{case: {class: {"dice", "hd95"}}} over foreground classes, computed in preprocessed space; with
+    ``pictures``, one PNG per case there (``pictures.segmentation_png`` of the first channel, Dice in
+    the title)."""
     was_training = model.training
     model.eval()
     results = {}
@@ -47,6 +51,10 @@ def score_cases(
         results[case] = per_class_scores(
             prediction, label, list(range(1, num_classes)), tuple(spacing), with_hd95
         )
+        if pictures is not None:
+            title = dice_title(case, {str(c): score["dice"] for c, score in results[case].items()})
+            segmentation_png(pictures / f"{case}.png", np.asarray(image[0], np.float32),
+                             np.asarray(prediction), np.asarray(label), title)  # fmt: skip
     model.train(was_training)
     return results
 

@@ -99,6 +99,22 @@ class NNFormerConfig:
         return stride  # type: ignore[return-value]
 
     @property
+    def output_strides(self) -> tuple[Triple, ...]:
+        """Input voxels per output voxel of each segmentation head, full resolution first: (1, 1, 1), then
+        the downsampling strides multiplied up, one head per stage for up to three stages with deep
+        supervision (the last stage has none), the full-resolution head alone without."""
+        heads = min(3, self.num_stages - 1) if self.deep_supervision else 1
+        return tuple(
+            tuple(s // p for s, p in zip(self.stage_stride(i), self.patch_size))  # type: ignore[misc]
+            for i in range(heads)
+        )
+
+    def output_sizes(self, size: Triple) -> list[Triple]:
+        """The (Z, Y, X) of each head's output for an input of ``size``: ceil(size / output stride), the
+        extent of the input at that head's resolution."""
+        return [tuple(-(-n // s) for n, s in zip(size, stride)) for stride in self.output_strides]  # type: ignore[misc]
+
+    @property
     def embedding_strides(self) -> tuple[Triple, Triple]:
         """Strides of the two strided embedding convs; their product is the patch size.
 

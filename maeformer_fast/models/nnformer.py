@@ -289,19 +289,25 @@ class NNFormer(nn.Module):
         self.decoder = nn.ModuleList(
             [DecoderStage(config, i, rates[i][::-1]) for i in range(config.num_stages - 2, -1, -1)]
         )
-        head_stages = range(min(3, config.num_stages - 1)) if config.deep_supervision else range(1)
         self.heads = nn.ModuleList(
             [
                 nn.ConvTranspose3d(
                     config.stage_dim(i), config.num_classes, config.patch_size, config.patch_size
                 )
-                for i in head_stages
+                for i in range(len(config.output_strides))
             ]
         )
         self.apply(init_weights)
 
     def forward(self, x: Tensor) -> Tensor | list[Tensor]:
-        size = x.shape[2:]
+        outputs = self.segment(x, deep_supervision=self.training and self.config.deep_supervision)
+        return outputs if len(outputs) > 1 else outputs[0]
+
+    def segment(self, x: Tensor, deep_supervision: bool) -> list[Tensor]:
+        """x: (B, C_in, Z, Y, X) -> [(B, classes, *size_i)]: every head's logits with
+        ``deep_supervision`` (sizes ``config.output_sizes``, full resolution first), else the
+        full-resolution logits alone -- whether training or not (nnU-Net's validation steps want
+        deep supervision in eval mode)."""
         features = self.encoder.forward_tokens(x)
         tokens = features[-1]
         decoded = []
@@ -310,14 +316,11 @@ class NNFormer(nn.Module):
             decoded.append(tokens)
         decoded = decoded[::-1]  # full resolution first
         outputs = []
-        patch = self.config.patch_size
-        for level, (head, d) in enumerate(zip(self.heads, decoded)):
-            stride = [s // p for s, p in zip(self.config.stage_stride(level), patch)]
-            crop = [-(-s // t) for s, t in zip(size, stride)]  # ceil(size / s_level): the input's extent
+        for head, d, crop in zip(self.heads, decoded, self.config.output_sizes(tuple(x.shape[2:]))):
             outputs.append(head(d.to_grid())[:, :, : crop[0], : crop[1], : crop[2]])
-            if not (self.training and self.config.deep_supervision):
+            if not deep_supervision:
                 break
-        return outputs if len(outputs) > 1 else outputs[0]
+        return outputs
 
 
 def init_weights(module: nn.Module) -> None:

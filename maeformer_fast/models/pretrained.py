@@ -87,13 +87,21 @@ def load_state_exact(
 def init_from_encoder(model: NNFormer, path: str | Path) -> dict[str, Any]:
     """Initialise a segmentation nnFormer's encoder from an encoder file (or a model file's encoder);
     the decoder/heads stay new. The file's encoder must have the model's shapes (a clear error
-    otherwise).
+    otherwise); see :func:`load_encoder_tensors`."""
+    tensors, config, info = read_encoder_file(path)
+    load_encoder_tensors(model, tensors, config, path)
+    return {"encoder_config": config.to_dict(), **info}
 
-    Bias tables of a file written with ``official_bias_index`` (an imported official checkpoint) are
+
+def load_encoder_tensors(model: NNFormer, tensors: dict, config: NNFormerConfig, source: str | Path) -> None:
+    """Load an encoder state dict (keys without ``encoder.``) of an encoder built with ``config`` into
+    ``model``'s encoder, exactly: every encoder tensor, nothing else, equal shapes (a ValueError naming
+    the keys otherwise); the decoder/heads stay as they are.
+
+    Bias tables of an encoder with ``official_bias_index`` (an imported official checkpoint) are
     converted to the model's correct layout when the model does not use the official index: each
     offset's row is copied from the official row it read, so the encoder computes the same.
     """
-    tensors, config, info = read_encoder_file(path)
     if config.official_bias_index and not model.config.official_bias_index:
         tensors = {
             k: v[official_to_correct_rows(config.window_sizes[int(k.split(".")[1])])]
@@ -102,8 +110,7 @@ def init_from_encoder(model: NNFormer, path: str | Path) -> dict[str, Any]:
             for k, v in tensors.items()
         }
     prefixed = {f"encoder.{k}": v for k, v in tensors.items()}
-    load_state_exact(model, prefixed, path, allowed_missing=("decoder.", "heads."))
-    return {"encoder_config": config.to_dict(), **info}
+    load_state_exact(model, prefixed, source, allowed_missing=("decoder.", "heads."))
 
 
 def save_segmenter(path: str | Path, model: NNFormer, plan: dict[str, Any], info: dict[str, Any]) -> Path:

@@ -282,7 +282,8 @@ def run_arm(config: StudyConfig, folder: Path, arm: str, labeled: int | None, se
         "max_val_cases": config.max_val_cases, "num_workers": config.num_workers,
         "precision": config.precision, "device": config.device,
         "checkpoint_every": checkpoint_every(spec.steps), "resume": True, "progress": config.progress,
-        "model_overrides": config.model_overrides, "evaluate_test": spec.evaluate_test, **spec.recipe,
+        "model_overrides": config.model_overrides, "evaluate_test": spec.evaluate_test,
+        "recipe": "none", **spec.recipe,  # the arm's recipe is the study's own: no defaults from recipes.py
     }), stop=spec.stop, pause=deadline and deadline.passed)  # fmt: skip
     if result.paused:
         raise Stopped(f"{folder}: paused at its last checkpoint")

@@ -14,7 +14,7 @@ stops the study cleanly anywhere (no new run starts, a run in progress pauses at
    mean over the tenth before; the report says whether it held. Pretraining's cosine schedule brings
    the lr near zero over those tenths, so the criterion says the run ended flat, not that more steps
    would not have helped: the short budget's arms measure what the budget changes downstream.
-3. Counted FLOPs of one sparse pretraining step and one fine-tuning step (``study_protocol.step_flops``)
+3. Counted FLOPs of one sparse pretraining step and one fine-tuning step (``bench.flops.step_flops``)
    convert pretraining into fine-tuning steps; scratch's maximum is the MAE maximum plus the
    pretraining budget in whichever currency gives more steps.
 4. Recipes, chosen on validation Dice only: for the MAE encoder a coordinate search over lr, warmup,
@@ -22,7 +22,7 @@ stops the study cleanly anywhere (no new run starts, a run in progress pauses at
    scratch by the same search over its learning rate (``tune_scratch_lrs``) and, where given, its
    warmup and weight decay (``tune_scratch_warmups``, ``tune_scratch_weight_decays``).
 5. Arms per seed and labeled count: ``mae`` (long pretraining), ``mae_short`` and ``scratch``, each
-   until its validation Dice has plateaued (``study_protocol.plateaued``: no gain above
+   until its validation Dice has plateaued (``train.plateau.plateaued``: no gain above
    ``plateau_min_delta`` over the last ``plateau_patience`` validations, not before
    ``plateau_min_steps``) or its maximum, scored at its best-validation checkpoint on the test split
    (and ``--test-data``).
@@ -35,7 +35,6 @@ its peak when MAE runs, stopped at the same step, had annealed.
 
 from __future__ import annotations
 
-import functools
 import json
 import multiprocessing
 import time
@@ -50,6 +49,7 @@ from ..bench.flops import step_flops
 from ..data.cache import load_plan
 from ..data.io import atomic_write_text
 from ..models.config import get_config
+from ..train.plateau import PlateauRule
 from .common import (
     CONVERGED_ARMS,
     ArmSpec,
@@ -64,7 +64,7 @@ from .common import (
     run_pretraining,
 )
 from .converged_report import converged_outputs
-from .protocol import encoder_overrides, mask_units, plateaued, scratch_max_steps
+from .protocol import encoder_overrides, mask_units, scratch_max_steps
 
 
 class Converged:
@@ -76,12 +76,7 @@ class Converged:
         self.config, self.out, self.cache, self.data = config, out, cache, data
         self.external, self.deadline = external, deadline
         self.crop = tuple(config.crop_size or get_config(config.model).crop_size)
-        self.stop = functools.partial(
-            plateaued,
-            patience=config.plateau_patience,
-            min_delta=config.plateau_min_delta,
-            min_steps=config.plateau_min_steps,
-        )
+        self.stop = PlateauRule(config.plateau_patience, config.plateau_min_delta, config.plateau_min_steps)
         self.short_steps = max(1, round(config.pretrain_steps * config.short_fraction))
         self.trials: list[dict] = []
 

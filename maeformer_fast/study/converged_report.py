@@ -1,6 +1,11 @@
 """The converged study's report (see ``study_converged``): each arm's convergence and compute in three
 currencies, paired effects, and report.md with the choices, pretraining, arms and scratch at the MAE
-arms' compute."""
+arms' compute.
+
+When scratch's recipe was re-tuned, its first recipe's arms were moved to ``SUPERSEDED_SCRATCH``
+while the ``scratch`` arms are rerun: the report reads them as the arm ``OLD_SCRATCH`` beside the new
+ones (``mae - scratch`` the fair comparison, ``mae - OLD_SCRATCH`` the first one, for reference), says
+how many new scratch arms have finished, and what each recipe's tuning cost."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import functools
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from ..data.io import atomic_write_text
 from .common import CONVERGED_ARMS, StudyConfig, steps_to_fraction
@@ -23,7 +29,10 @@ from .report import (
     write_outputs,
 )
 
-COMPARISONS = (("mae", "scratch"), ("mae_short", "scratch"), ("mae", "mae_short"))
+OLD_SCRATCH = "scratch_lr5e-3"  # the arm name of the first scratch recipe's arms (their records say scratch)
+SUPERSEDED_SCRATCH = "superseded/scratch_lr-0.005"  # where they were moved, under OUT, for the rerun
+# Comparisons of an arm with no rows are left out (write_outputs): without OLD_SCRATCH, the first three.
+COMPARISONS = (("mae", "scratch"), ("mae_short", "scratch"), ("mae", "mae_short"), ("mae", OLD_SCRATCH))
 METRICS = ("test_dice_mean", "ext_test_dice_mean", "steps_to_95", "steps_to_scratch_95")
 
 
@@ -87,13 +96,109 @@ def with_compute(rows: list[dict], pretrained: dict, flops: dict) -> list[dict]:
     return out
 
 
-def dice_summary_table(summary: list[dict], effects: list[dict]) -> list[str]:
+def superseded_scratch_rows(out: Path) -> list[dict]:
+    """The first scratch recipe's finished arms, under ``OUT/SUPERSEDED_SCRATCH`` in the layout of
+    ``OUT/runs``, as the arm ``OLD_SCRATCH`` (their records say ``scratch``, which now names the rerun),
+    by seed and labeled count as ``run.finished_study`` orders the study's rows."""
+    paths = (out / SUPERSEDED_SCRATCH).glob("runs/labeled-*/seed-*/scratch/result.json")
+    rows = [{**json.loads(p.read_text()), "arm": OLD_SCRATCH} for p in paths]
+    return sorted(rows, key=lambda r: (r["seed"], r["labeled"]))
+
+
+def scratch_tuning(out: Path, trials: list[dict], choices: dict, old_recipe: dict) -> dict[str, Any]:
+    """The tuning budgets behind the two scratch recipes, from the records: the MAE side's runs by stage,
+    scratch's runs and the values they tried, how many of them the first search made, and each
+    recipe with its tuning run's best validation Dice (None where no run matches it).
+
+    ``trials`` (``tuning.json``) is extended by ``scratch_search_tuning.json`` where present (the
+    records kept the later search's list apart until the arms were rerun). The first search tried
+    learning rates alone, before weight decay was one of scratch's knobs: its runs' own records
+    (``tuning/NAME/result.json``) name the knobs the old arms' recipe names and no more."""
+    named = {t["name"]: t for t in trials}
+    extra = out / "scratch_search_tuning.json"
+    if extra.is_file():
+        named.update((t["name"], t) for t in json.loads(extra.read_text()))
+    scratch = [t for t in named.values() if t["stage"].startswith("scratch")]
+
+    def knobs(name: str) -> set[str]:
+        record = out / "tuning" / name / "result.json"
+        return set(json.loads(record.read_text()).get("recipe", {})) if record.is_file() else set()
+
+    def val_dice(recipe: dict) -> float | None:
+        runs = (t for t in scratch if all(t.get(k) == v for k, v in recipe.items()))
+        return next((t["best_val_dice"] for t in runs), None)
+
+    def tried(key: str) -> list:
+        return sorted({t[key] for t in scratch if t.get(key) is not None})
+
+    return {
+        "mae_runs": dict(Counter(t["stage"] for t in named.values() if not t["stage"].startswith("scratch"))),
+        "scratch_runs": len(scratch),
+        "first_search_runs": sum(knobs(t["name"]) == set(old_recipe) for t in scratch),
+        "tried": {key: tried(key) for key in ("lr", "warmup_steps", "weight_decay")},
+        "recipe": choices["scratch_recipe"],
+        "recipe_val_dice": val_dice(choices["scratch_recipe"]),
+        "old_recipe": old_recipe,
+        "old_recipe_val_dice": val_dice(old_recipe),
+    }
+
+
+def describe_recipe(recipe: dict, val_dice: float | None) -> str:
+    """A recipe's knobs (those it names) and its tuning run's validation Dice, e.g. "lr 0.02, warmup 1000,
+    weight decay 0.01; validation Dice 0.804"."""
+    names = {"lr": "lr", "warmup_steps": "warmup", "weight_decay": "weight decay"}
+    text = ", ".join(f"{name} {recipe[key]:g}" for key, name in names.items() if key in recipe)
+    return text if val_dice is None else f"{text}; validation Dice {val_dice:.3f}"
+
+
+def scratch_recipes(tuning: dict, config: StudyConfig) -> str:
+    """The protocol's paragraph on tuning-budget parity: the runs behind MAE's recipe and scratch's two
+    (``scratch_tuning``)."""
+    mae = tuning["mae_runs"]
+    grid = ", ".join(
+        f"{name} {{{', '.join(f'{v:g}' for v in tuning['tried'][key])}}}"
+        for key, name in (("lr", "lr"), ("warmup_steps", "warmup"), ("weight_decay", "weight decay"))
+    )
+    first, runs = tuning["first_search_runs"], tuning["scratch_runs"]
+    old = describe_recipe(tuning["old_recipe"], tuning["old_recipe_val_dice"])
+    searches = (  # a first search's runs are recognised by their records (tuning/NAME/result.json)
+        f"{first} in a first search over learning rates alone, whose choice ({old}) the superseded arms "
+        f"`{OLD_SCRATCH}` ran with, and {runs - first} more in a second"
+        if first
+        else f"the superseded arms `{OLD_SCRATCH}` ran with {old}"
+    )
+    return (
+        f"Tuning budgets (validation Dice only; labeled {config.tune_labeled}, seed {config.tune_seed}): "
+        f"the MAE recipe came from {sum(mae.values())} runs ("
+        + ", ".join(f"{n} {stage}" for stage, n in mae.items())
+        + f"), scratch's from {runs} ({grid}): {searches}. `scratch` runs the recipe chosen from all of "
+        f"them: {describe_recipe(tuning['recipe'], tuning['recipe_val_dice'])}."
+    )
+
+
+def dice_summary_table(summary: list[dict], effects: list[dict], old_label: str = OLD_SCRATCH) -> list[str]:
     """Markdown rows of the study's answer in one table: per labeled count, each arm's test Dice (mean
     ± std over seeds, from ``arm_summary``) and the paired test-Dice differences of ``COMPARISONS``
-    (mean, t 95% interval, seeds on which the first arm did better, of the seeds paired)."""
-    dice = {(s["labeled"], s["arm"]): cell(s["test_dice_mean"]) for s in summary}
+    (mean, t 95% interval, seeds on which the first arm did better, of the seeds paired).
+
+    The superseded scratch arm (``OLD_SCRATCH``, headed ``old_label``) and its comparison have columns
+    only where it has rows; with it (while scratch is rerun), an arm's cell over fewer seeds than its
+    labeled count's most says over how many."""
+    rerun = any(s["arm"] == OLD_SCRATCH for s in summary)
+    arms = [*CONVERGED_ARMS, OLD_SCRATCH] if rerun else list(CONVERGED_ARMS)
+    names = [f"{a} - {b}" for a, b in COMPARISONS if a in arms and b in arms]
+    by_arm = {(s["labeled"], s["arm"]): s for s in summary}
     paired = {(e["labeled"], e["comparison"]): e for e in effects if e["metric"] == "test_dice_mean"}
-    names = [f"{a} - {b}" for a, b in COMPARISONS]
+    most: dict[int, int] = {}  # seeds of each labeled count's most complete arm
+    for s in summary:
+        most[s["labeled"]] = max(most.get(s["labeled"], 0), s["n_seeds"])
+
+    def dice(labeled: int, arm: str) -> str:
+        s = by_arm.get((labeled, arm))
+        if s is None:
+            return "n/a"
+        fewer = rerun and s["n_seeds"] < most[labeled]
+        return cell(s["test_dice_mean"]) + (f" ({s['n_seeds']} of {most[labeled]} seeds)" if fewer else "")
 
     def difference(effect: dict | None) -> str:
         if effect is None or effect["mean_diff"] is None:
@@ -101,12 +206,13 @@ def dice_summary_table(summary: list[dict], effects: list[dict]) -> list[str]:
         spread = "" if effect["t_low"] is None else " " + interval(effect["t_low"], effect["t_high"], 3)
         return f"{effect['mean_diff']:+.3f}{spread} ({effect['wins']} of {effect['n_seeds']})"
 
+    headers = [old_label if arm == OLD_SCRATCH else arm for arm in arms]
     lines = [
-        "| labeled | " + " | ".join((*CONVERGED_ARMS, *names)) + " |",
-        "|---" * (1 + len(CONVERGED_ARMS) + len(names)) + "|",
+        "| labeled | " + " | ".join((*headers, *names)) + " |",
+        "|---" * (1 + len(arms) + len(names)) + "|",
     ]
-    for labeled in sorted({s["labeled"] for s in summary}):
-        cells = [dice.get((labeled, arm), "n/a") for arm in CONVERGED_ARMS]
+    for labeled in sorted(most):
+        cells = [dice(labeled, arm) for arm in arms]
         cells += [difference(paired.get((labeled, name))) for name in names]
         lines.append(f"| {labeled} | " + " | ".join(cells) + " |")
     return lines
@@ -126,11 +232,14 @@ def converged_outputs(
         "mae": records[f"{folder}_steps-{config.pretrain_steps}"],
         "mae_short": records[f"{folder}_steps-{choices['short_steps']}"],
     }
-    rows = with_compute(with_convergence(rows), pretrained, flops)
+    old = superseded_scratch_rows(out)
+    rows = with_compute(with_convergence(rows + old), pretrained, flops)  # old rows last: order kept
     trials = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").is_file() else []
     context = {"choices": choices, "flops": flops, "pretraining": records, "tuning": trials}
+    if old:  # only then: the report of a study without a rerun stays as it was
+        context["scratch_tuning"] = scratch_tuning(out, trials, choices, old[0]["recipe"])
     report_dir = Path(config.report_dir or out)
-    arms = [a for a in CONVERGED_ARMS if any(r["arm"] == a for r in rows)]
+    arms = [a for a in (*CONVERGED_ARMS, OLD_SCRATCH) if any(r["arm"] == a for r in rows)]
     report = functools.partial(converged_report, context=context)
     files = write_outputs(rows, pretrained, config, arms, report_dir, COMPARISONS, METRICS, report)
     files["pretrain_plot"] = report_dir / "pretrain_loss.png"
@@ -147,6 +256,20 @@ def converged_report(
     """report.md of the converged study: protocol, choices, pretraining, arms, effects, compute."""
     choices, flops = context["choices"], context["flops"]
     summary = arm_summary(rows)  # mean ± std per (labeled count, arm): the summary table and the arms table
+    rerun_protocol, rerun_state, old_label = [], [], OLD_SCRATCH
+    if "scratch_tuning" in context:  # the first scratch recipe's arms beside the rerun's
+        old_recipe = context["scratch_tuning"]["old_recipe"]
+        old_label = f"scratch, old recipe (lr {old_recipe['lr']:g}, superseded)"
+        finished = sum(r["arm"] == "scratch" for r in rows)
+        cells = len({(r["labeled"], r["seed"]) for r in rows})  # every (labeled count, seed) with an arm
+        rerun_protocol = [scratch_recipes(context["scratch_tuning"], config), ""]
+        rerun_state = [
+            f"scratch (fair recipe): {finished} of {cells} arms finished. `{OLD_SCRATCH}`: the first "
+            f"recipe's arms ({describe_recipe(old_recipe, None)}), superseded, kept for reference: `mae - "
+            f"scratch` is the fair comparison, `mae - {OLD_SCRATCH}` the study's first. Differences with "
+            "either are paired over the seeds that have both arms.",
+            "",
+        ]
     lines = [
         "# The study at converged budgets: MAE (long, short pretraining) vs scratch",
         "",
@@ -160,13 +283,15 @@ def converged_report(
         f"{rows[0]['val_cases']} fixed cases, test on {rows[0]['test_cases']} (split seed "
         f"{config.split_seed}).",
         "",
+        *rerun_protocol,
         "## Test Dice",
         "",
         "Mean ± std over seeds; differences paired by seed: mean, t 95% interval, and on how many of the "
         'paired seeds the first arm did better (bootstrap intervals and p under "Paired differences '
         'over seeds").',
         "",
-        *dice_summary_table(summary, effects),
+        *rerun_state,
+        *dice_summary_table(summary, effects, old_label),
         "",
         "## Choices (validation Dice only)",
         "",

@@ -1,5 +1,6 @@
-"""The converged study's rules: when an arm has converged, when pretraining has flattened, how many
-mask units an encoder layout gives, and compute in steps and counted FLOPs (see ``study_converged``)."""
+"""The converged study's rules (when an arm has converged is ``train.plateau``): when pretraining has
+flattened, how many mask units an encoder layout gives, and compute in steps and counted FLOPs (see
+``study.converged``)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,6 @@ from pathlib import Path
 import torch
 
 from ..models.config import get_config
-
-
-def plateaued(curve: list[tuple[int, float]], patience: int, min_delta: float, min_steps: int = 0) -> bool:
-    """Whether validation Dice has plateaued: the last ``patience`` validations gained no more than
-    ``min_delta`` over the best Dice before them, and training has reached ``min_steps``.
-
-    E.g. patience 3, min_delta 0.005: Dice 0.10, 0.50, 0.600, 0.603, 0.604, 0.602 has plateaued (best
-    of the last three 0.604 <= 0.600 + 0.005); ending in 0.606 instead it has not.
-    """
-    if len(curve) <= patience or curve[-1][0] < min_steps:
-        return False
-    before = max(dice for _, dice in curve[:-patience])
-    return max(dice for _, dice in curve[-patience:]) <= before + min_delta
 
 
 def loss_flattening(steps: list[int], losses: list[float], window: float = 0.1) -> dict[str, float]:

@@ -16,18 +16,21 @@ from ..data.cache import load_plan
 from ..data.io import atomic_write_text
 from ..device import autocast, resolve_compile
 from ..inference.evaluation import score_cases, summarise
-from ..models.config import get_config
+from ..models.config import NNFormerConfig, get_config
 from ..models.nnformer import NNFormer
-from ..models.pretrained import init_from_encoder, save_segmenter
+from ..models.pretrained import init_from_encoder, read_encoder_file, save_segmenter
 from ..seeds import derive_seed
 from .checkpoint import CheckpointManager
 from .distributed import barrier, broadcast_from_main, mean_across_ranks
 from .loop import Optimisation, RunConfig, compiles_optimizer_step, prepare_model, setup_run
 from .losses import deep_supervision_loss
 from .optim import make_optimizer, make_scheduler, param_groups, poly, warmup_constant, warmup_cosine
+from .plateau import PlateauRule
 from .preemption import Interruption, StopSignals
+from .recipes import FIXED_STEPS, RECIPES, describe, global_batch, recipe_name, recipe_values
 from .runtime import CsvLog, PendingLosses
 from .splits import make_splits
+from .tensorboard import TensorBoardLog
 
 OPTIMIZER_DEFAULTS = {"adamw": {"lr": 1e-3, "weight_decay": 0.01}, "sgd": {"lr": 1e-2, "weight_decay": 3e-5}}
 
@@ -37,8 +40,8 @@ LR_SCHEDULES = ("decay", "constant")
 
 @dataclass
 class FinetuneConfig(RunConfig):
-    """A fine-tuning run: :class:`RunConfig`'s shared fields and its own; the defaults train the small
-    config at a CPU-feasible pace.
+    """A fine-tuning run: :class:`RunConfig`'s shared fields and its own. Optimisation settings left
+    unset come from a recipe (``recipes.py``: the converged study's, MAE or scratch).
 
     Labeled cases are split once (``split_seed``) into test, validation and a training pool; the
     ``labeled`` / ``labeled_fraction`` training cases are drawn from the pool by ``seed``. The batch
@@ -47,28 +50,49 @@ class FinetuneConfig(RunConfig):
     """
 
     init: str | None = None  # encoder.safetensors from pretraining; None = from scratch
+    # None: with ``init`` the encoder file's model settings, else the small config
+    model: str | None = None  # type: ignore[assignment]
     labeled: int | None = None
     labeled_fraction: float | None = None
     split_seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.2
-    steps: int = 300
-    optimizer: str = "adamw"  # "adamw" (warmup + cosine) or "sgd" (nesterov 0.99, poly 0.9, nnU-Net)
+    # The optimisation settings below left at None come from the recipe (recipes.py): "auto" = "mae"
+    # with ``init``, "scratch" without; "none" = the optimizer's defaults.
+    recipe: str = "auto"
+    steps: int | None = None  # None: the recipe's maximum with ``until_plateau``, else 300
+    until_plateau: bool = False  # stop when validation Dice plateaus (plateau.py); ``steps`` is a maximum
+    plateau_patience: int = 10  # validations without a gain above ``plateau_min_delta``
+    plateau_min_delta: float = 0.005
+    plateau_min_steps: int = 1000
+    optimizer: str = "adamw"  # "adamw" or "sgd" (nesterov 0.99, poly 0.9, nnU-Net)
     # "decay": the optimizer's decay over ``steps`` (adamw: cosine, sgd: poly); "constant": warmup then
     # the peak lr, for runs a plateau rule stops (``steps`` is then only a maximum)
-    lr_schedule: str = "decay"
-    lr: float | None = None  # default per optimizer: adamw 1e-3, sgd 1e-2
-    weight_decay: float | None = None  # default per optimizer: adamw 0.01, sgd 3e-5
-    warmup_steps: int | None = None  # adamw, and any "constant" schedule; default 5% of steps
-    layer_decay: float = 1.0  # lr factor per encoder stage below the decoder (1 = none)
-    freeze_encoder_steps: int = 0  # the encoder's weights stay fixed for the first N steps
+    lr_schedule: str | None = None
+    lr: float | None = None  # no recipe: adamw 1e-3, sgd 1e-2
+    weight_decay: float | None = None  # no recipe: adamw 0.01, sgd 3e-5
+    warmup_steps: int | None = None  # adamw, and any "constant" schedule; no recipe: 5% of steps
+    layer_decay: float | None = None  # lr factor per encoder stage below the decoder (1 = none)
+    freeze_encoder_steps: int | None = None  # the encoder's weights stay fixed for the first N steps
     grad_clip: float = 12.0
     foreground_oversample: float = 0.33
-    val_every: int = 50
+    val_every: int = 100
     max_val_cases: int | None = None
     evaluate_test: bool = True
 
     def __post_init__(self) -> None:
+        """Fill what the run left unset from its recipe (idempotent: ``recipe`` becomes the recipe's
+        name and the filled fields are set, so a copy resolves to itself); ``recipe_note`` says what."""
+        name = recipe_name(self.recipe, self.init, self.optimizer)
+        if self.steps is None:
+            self.steps = RECIPES[name].max_steps if self.until_plateau else FIXED_STEPS
+        given = recipe_values(name, self.steps, self.until_plateau,
+                              global_batch(self.batch_size, self.accumulate_steps))  # fmt: skip
+        for key, value in given.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        self.recipe = name
+        self.recipe_note = describe(name, {key: getattr(self, key) for key in given}, given, self.steps)
         super().__post_init__()
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
@@ -88,6 +112,23 @@ class FinetuneResult:
     wall_time_s: float
     paused: bool = False  # ended at a checkpoint by ``pause`` or a signal: not scored, resume to finish
     interrupted: Interruption | None = None  # the signal that ended it (preemption.py)
+
+
+def segmenter_config(config: FinetuneConfig, overrides: dict) -> tuple[NNFormerConfig, str]:
+    """The model a run trains, and where its settings came from: ``config.model`` when set; else the
+    encoder file's settings with ``init`` (so a pretrained encoder needs no model options), else the
+    small config; ``overrides`` (channels and classes of the data, then the run's own) on top."""
+    if config.model is not None or not config.init:
+        name = config.model or "small"
+        return get_config(name, **overrides), f"model config {name!r}" + (
+            f" with {config.model_overrides}" if config.model_overrides else ""
+        )
+    _, encoder_config, _ = read_encoder_file(config.init)
+    settings = {**encoder_config.to_dict(), **overrides}
+    return NNFormerConfig.from_dict(settings), (
+        f"model settings from the encoder file {config.init} (config {encoder_config.name!r}, "
+        f"{encoder_config.num_stages} stages, embedding {encoder_config.embed_dim})"
+    )
 
 
 def layer_lr_scales(model: NNFormer, decay: float) -> dict[str, float]:
@@ -162,6 +203,10 @@ def finetune(
     from ..data import make_loader
 
     run = setup_run(config)
+    if config.until_plateau:
+        if stop is not None:
+            raise ValueError("finetune: until_plateau and a stop rule of the caller: choose one")
+        stop = PlateauRule(config.plateau_patience, config.plateau_min_delta, config.plateau_min_steps)
     if (stop is not None or pause is not None) and run.dist.enabled:
         raise ValueError(
             "finetune: stop and pause need a single process (their decisions are not shared across ranks)"
@@ -178,8 +223,11 @@ def finetune(
         "num_classes": plan["num_classes"],
         **config.model_overrides,
     }
+    model_config, model_note = segmenter_config(config, overrides)
+    if dist_info.is_main:
+        print(f"finetune: {config.recipe_note}\nfinetune: {model_note}", flush=True)
     torch.manual_seed(config.seed)
-    model = NNFormer(get_config(config.model, **overrides))
+    model = NNFormer(model_config)
     init_info = init_from_encoder(model, config.init) if config.init else None
     model.to(device)
     crop = tuple(config.crop_size or model.config.crop_size)
@@ -201,6 +249,7 @@ def finetune(
         atomic_write_text(out / "finetune_config.json", json.dumps(asdict(config), indent=2, default=str))
         log = CsvLog(out / "finetune_log.csv", ["step", "loss", "lr", "val_dice", "elapsed_s"],
                      resume_step=start_step or None)  # fmt: skip
+    board = TensorBoardLog(out / "tensorboard", config.tensorboard and dist_info.is_main, start_step or None)
     loader = make_loader(
         run.cache, crop, config.batch_size, labeled=True, cases=splits.train, backend=config.loader,
         device=device, seed=config.seed, start_step=start_step * micro_steps, rank=dist_info.rank,
@@ -241,7 +290,8 @@ def finetune(
     pending = PendingLosses(dist_info.rank if dist_info.enabled else None)
     rows: list[dict[str, str]] = []
     paused = False
-    with StopSignals(config.stop_signals, dist_info) as signals:
+    block_start_s = earlier_s
+    with StopSignals(config.stop_signals, dist_info) as signals, board:
         for step in bar:
             if config.freeze_encoder_steps:  # no gradient: AdamW/SGD leave weights and moments untouched
                 model.encoder.requires_grad_(step >= config.freeze_encoder_steps)
@@ -273,6 +323,11 @@ def finetune(
             logged[-1]["val_dice"] = "" if val_dice is None else f"{val_dice:.4f}"
             for row, loss_value in zip(logged, losses):
                 log.write(**{"val_dice": "", **row, "loss": f"{loss_value:.6f}"})
+                board.scalars(row["step"], {"loss": loss_value, "lr": float(row["lr"])})
+            block_end_s = float(logged[-1]["elapsed_s"])  # the steps since the last read, timed together
+            step_time_s = (block_end_s - block_start_s) / len(logged)
+            board.scalars(done, {"val_dice": val_dice, "step_time_s": step_time_s})
+            block_start_s = block_end_s
             if save_now:
                 meta = {"kind": "finetune", "best": best, "curve": curve,
                         "elapsed_s": time.perf_counter() - started}  # fmt: skip
@@ -298,8 +353,9 @@ def finetune(
         save_segmenter(last_path, model, plan, {**info, "step": done})
         if config.evaluate_test:
             test_dice, test_hd95 = evaluate_saved(
-                model_path, run.cache, splits.test, crop, plan, device, run.precision, best["step"]
-            )
+                model_path, run.cache, splits.test, crop, plan, device, run.precision, best["step"],
+                pictures=out / "test_pictures",
+            )  # fmt: skip
             atomic_write_text(
                 out / "test_scores.json", json.dumps({"dice": test_dice, "hd95": test_hd95}, indent=2)
             )
@@ -318,10 +374,12 @@ def evaluate_saved(
     device,
     precision: str,
     step: int | None = None,
+    pictures: Path | None = None,
 ):
     """(Dice summary, HD95 summary) of a saved model on cached cases; with ``step``, the model must be
     the one saved at that training step (the run's best: a file left by an interrupted part of a
-    resumed run that the replay did not write again is refused, not scored)."""
+    resumed run that the replay did not write again is refused, not scored); with ``pictures``, a PNG
+    per case there (reference and prediction outlines, Dice in the title)."""
     from ..models.pretrained import load_segmenter
 
     model, _, info = load_segmenter(path)
@@ -334,6 +392,7 @@ def evaluate_saved(
     model.to(device)
     num_classes = model.config.num_classes
     scores = score_cases(
-        model, cache, cases, crop, num_classes, plan["spacing"], device, precision, with_hd95=True
-    )
+        model, cache, cases, crop, num_classes, plan["spacing"], device, precision, with_hd95=True,
+        pictures=pictures,
+    )  # fmt: skip
     return summarise(scores, "dice"), summarise(scores, "hd95")

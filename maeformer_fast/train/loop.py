@@ -75,6 +75,7 @@ class RunConfig:
     activation_checkpointing: bool = False  # recompute each transformer block's activations in backward
     compile: bool | None = None  # torch.compile the whole model; None: the device's default
     cuda_graph: bool = True  # with compile on one CUDA device: replay the compiled step as CUDA graphs
+    tensorboard: bool = False  # also log to OUT/tensorboard (tensorboard.py); the CSV log stays
 
     # Counts and intervals a run divides by or loops over: each must be at least 1.
     POSITIVE = ("batch_size", "steps", "accumulate_steps", "checkpoint_every", "log_every", "preview_every",
@@ -260,12 +261,15 @@ def compiles_optimizer_step(config: RunConfig, precision: str, device: torch.dev
 # Settings a resumed run may change: where things are and how they run, not what is trained.
 # Fields added to a run config after checkpoints were written without them, with the value that gives
 # the behaviour those checkpoints trained with (a resume under another value is refused like any change).
-ADDED_FIELDS = {"lr_schedule": "decay"}
+ADDED_FIELDS = {"lr_schedule": "decay", "recipe": "none", "until_plateau": False, "plateau_patience": 10,
+                "plateau_min_delta": 0.005, "plateau_min_steps": 1000}  # fmt: skip
 
 CHANGEABLE_ON_RESUME = frozenset({
     "data", "out", "cache_dir", "resume", "stop_signals", "progress", "num_workers", "loader", "device",
     "steps", "checkpoint_every", "log_every", "preview_every", "val_every", "max_val_cases", "evaluate_test",
     "compile", "cuda_graph", "activation_checkpointing", "deterministic", "precision", "data_on_device",
+    "tensorboard",
+    "until_plateau", "plateau_patience", "plateau_min_delta", "plateau_min_steps",  # when to stop, not how
     "init",  # the checkpoint's weights replace the initial ones anyway
 })  # fmt: skip
 

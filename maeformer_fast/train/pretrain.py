@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..data.cache import load_plan
 from ..data.io import atomic_write_text
 from ..device import autocast, resolve_compile
 from ..models.config import get_config
@@ -27,6 +28,7 @@ from .optim import make_optimizer, make_scheduler, param_groups, warmup_cosine
 from .preemption import Interruption, StopSignals
 from .previews import save_reconstruction_png
 from .runtime import CsvLog, PendingLosses
+from .tensorboard import TensorBoardLog
 
 
 @dataclass
@@ -63,14 +65,17 @@ class PretrainResult:
     interrupted: Interruption | None = None  # the signal that ended it (preemption.py)
 
 
-def build_mae(config: PretrainConfig) -> MaskedAutoencoder:
+def build_mae(config: PretrainConfig, in_channels: int | None = None) -> MaskedAutoencoder:
     """The masked autoencoder of ``config``; parameters the MAE loss never reaches are frozen.
+
+    ``in_channels``: the data's channels (default: the model config's); ``model_overrides`` still win.
 
     The loss reads only the last encoder stage, so the output norms of the other stages (used by the
     segmentation decoder in fine-tuning) get no gradient: frozen, AdamW skips them exactly as it skips
     a parameter without gradient, and DDP needs no per-step search for unused parameters.
     """
-    model_config = get_config(config.model, **config.model_overrides)
+    channels = {} if in_channels is None else {"in_channels": in_channels}
+    model_config = get_config(config.model, **{**channels, **config.model_overrides})
     model = MaskedAutoencoder(
         model_config,
         encoder_mode=config.encoder,
@@ -128,7 +133,7 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
     device, precision, dist_info, out = run.device, run.precision, run.dist, run.out
 
     torch.manual_seed(config.seed)
-    model = build_mae(config).to(device)
+    model = build_mae(config, load_plan(run.cache)["num_channels"]).to(device)  # as fine-tuning's plan
     crop = tuple(config.crop_size or model.config.crop_size)
     unit_grid = model.encoder.unit_grid(crop)
     if num_visible_units(unit_grid, config.mask_ratio) == math.prod(unit_grid):
@@ -150,6 +155,7 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
     if dist_info.is_main:
         fields = ["step", "loss", "lr", "voxels_per_s", "elapsed_s"]
         log = CsvLog(out / "pretrain_log.csv", fields, resume_step=start_step or None)
+    board = TensorBoardLog(out / "tensorboard", config.tensorboard and dist_info.is_main, start_step or None)
 
     loader = make_loader(
         run.cache, crop, config.batch_size, labeled=False, backend=config.loader, device=device,
@@ -181,7 +187,7 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
                disable=not (config.progress and dist_info.is_main), dynamic_ncols=True)  # fmt: skip
     pending = PendingLosses(dist_info.rank if dist_info.enabled else None)
     done = start_step
-    with StopSignals(config.stop_signals, dist_info) as signals:
+    with StopSignals(config.stop_signals, dist_info) as signals, board:
         for step in bar:
             local_loss = optimisation.accumulate(train_model, functools.partial(micro_loss, step))
             pending.add(step, mean_across_ranks(local_loss, dist_info), local_loss, current["case_ids"])
@@ -202,9 +208,13 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
                     log.write(step=done, loss=f"{losses[-1]:.6f}", lr=f"{optimisation.lr:.3e}",
                               voxels_per_s=f"{voxels / session_s:.1f}",
                               elapsed_s=f"{earlier_s + session_s:.2f}")  # fmt: skip
+                    board.scalars(done, {"loss": losses[-1], "lr": optimisation.lr,
+                                         "voxels_per_s": voxels / session_s})  # fmt: skip
                 if done % config.preview_every == 0 or done == config.steps:
-                    save_preview(out / "previews" / f"step-{done:07d}.png", model, current["images"],
-                                 current["visible_ids"], current["prediction"])  # fmt: skip
+                    preview = out / "previews" / f"step-{done:07d}.png"
+                    save_preview(preview, model, current["images"], current["visible_ids"],
+                                 current["prediction"])  # fmt: skip
+                    board.image("reconstruction", preview, done)
             if dist_info.is_main and save_now:
                 elapsed_s = earlier_s + time.perf_counter() - started
                 optimisation.save(checkpoints, done, config, {"kind": "pretrain", "elapsed_s": elapsed_s})

@@ -53,6 +53,30 @@ def test_step_timing_on_a_fake_clock(monkeypatch):
     assert row["voxels_per_s"] == pytest.approx(10_000)
 
 
+def test_sparse_dense_speedup_alternates_and_takes_medians(monkeypatch):
+    """On a fake clock: sparse steps of 0.1 s, dense steps of 0.3 s, except one dense round slowed to
+    0.9 s (a noisy machine): medians 100 and 300 ms, speedup 3. Catches the cases timed one after the
+    other instead of alternating (tried: all sparse rounds first; the call order below differs), the
+    mean for the median (tried: 500 ms dense, speedup 5) and the ratio inverted (tried: 1/3)."""
+    clock, calls = [0.0], []
+    monkeypatch.setattr(bench_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    dense_times = iter([0.3, 0.3, 0.3, 0.9, 0.9, 0.3, 0.3])  # warm-up, rounds of 2 steps: the second slow
+
+    def fake_step(task, model, crop, batch, precision, device, mode, overrides):
+        def step() -> float:
+            calls.append(mode)
+            clock[0] += 0.1 if mode == "sparse" else next(dense_times)
+            return 1.0
+
+        return step, 0
+
+    monkeypatch.setattr(bench_module, "training_step", fake_step)
+    result = bench_module.sparse_dense_speedup("small", (8, 8, 8), 1, torch.device("cpu"), seconds=0.25)
+    assert result == pytest.approx({"sparse_ms": 100, "dense_ms": 300, "speedup": 3})
+    rounds = [mode for i, mode in enumerate(calls[2:]) if i == 0 or calls[2:][i - 1] != mode]
+    assert calls[:2] == ["sparse", "dense"] and rounds == ["sparse", "dense"] * 3
+
+
 def test_mfu_of_a_hand_worked_matmul():
     """A step of one (1024 x 1024) @ (1024 x 1024) matmul: 2 * 1024^3 = 2,147,483,648 FLOPs (what
     FlopCounterMode counts); at 4 ms per step that is 2^31 / 0.004 s = 0.536870912 TFLOPS, and against a

@@ -74,10 +74,46 @@ def test_study_command_with_two_arms(phantom_cache, tmp_path, capsys):
     assert not (out / "pretrain").exists()  # no MAE arm: nothing pretrained
 
 
+def test_model_overrides_as_json(capsys):
+    """``--model-overrides`` reaches the config as the study's 3-stage encoder (nested lists become the
+    config's tuples), an unset one keeps the empty default, and a JSON array is refused with a message.
+    Catches the option dropped for dict fields (tried: the ``base is dict`` branch removed: argparse
+    rejects the option) and an unset option passed as None (tried: no ``default_factory`` check:
+    FinetuneConfig gets ``model_overrides=None``)."""
+    from maeformer_fast.cli.args import dataclass_from_args
+    from maeformer_fast.cli.main import build_parser
+    from maeformer_fast.models.config import get_config
+    from maeformer_fast.train.finetune import FinetuneConfig
+
+    three = '{"depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_sizes": [[4, 4, 4], [4, 4, 4], [4, 4, 4]]}'
+    parser = build_parser()
+    config = dataclass_from_args(FinetuneConfig, parser.parse_args(
+        ["finetune", "--data", "d", "--out", "o", "--model-overrides", three]))  # fmt: skip
+    built = get_config("small", **config.model_overrides)
+    assert built.depths == (2, 2, 2) and built.window_sizes == ((4, 4, 4),) * 3 and built.num_stages == 3
+    plain = dataclass_from_args(FinetuneConfig, parser.parse_args(["finetune", "--data", "d", "--out", "o"]))
+    assert plain.model_overrides == {}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["finetune", "--data", "d", "--out", "o", "--model-overrides", "[2, 2]"])
+    assert "a JSON object ({...}) is needed, got: [2, 2]" in capsys.readouterr().err
+
+
 def test_demo_with_tiny_step_counts(tmp_path, capsys):
-    """The whole demo at one step each: every test case predicted in its source geometry and scored.
-    Catches a demo that scores fewer cases than its test split (tried: predicting only the first)."""
-    assert main(["demo", "--out", str(tmp_path), "--pretrain-steps", "1", "--finetune-steps", "1"]) == 0
+    """The whole demo at one step each: every test case predicted in its source geometry, scored and
+    pictured, and the sparse-vs-dense timing printed. Catches a demo that scores fewer cases than its
+    test split (tried: predicting only the first) and the pictures left out (tried: ``png=False``)."""
+    argv = [
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--pretrain-steps",
+        "1",
+        "--finetune-steps",
+        "1",
+        "--speed-seconds",
+        "0",
+    ]
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     test_cases = json.loads((tmp_path / "finetune" / "splits.json").read_text())["test"]
     assert sorted(p.name for p in (tmp_path / "predictions").glob("*.nii.gz")) == sorted(
@@ -86,6 +122,11 @@ def test_demo_with_tiny_step_counts(tmp_path, capsys):
     scores = json.loads((tmp_path / "predictions" / "scores.json").read_text())
     assert sorted(scores["cases"]) == sorted(test_cases)
     assert "masked-unit loss" in printed and "class" in printed
+    assert re.search(
+        r"visible tokens only: \d+ ms; with mask tokens \(dense\): \d+ ms: [\d.]+x faster", printed
+    )
+    assert sorted(p.stem for p in (tmp_path / "predictions" / "png").glob("*.png")) == sorted(test_cases)
+    assert "test Dice" in printed.splitlines()[-2]  # the verdict on the 0.8 bar, before the pictures line
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from maeformer_fast.study import common as study_module
 from maeformer_fast.study import converged as study_converged
 from maeformer_fast.study.common import StudyConfig
 from maeformer_fast.study.converged_report import dice_summary_table, with_compute, with_convergence
-from maeformer_fast.study.protocol import matched_steps, plateaued, scratch_max_steps
+from maeformer_fast.study.protocol import matched_steps, scratch_max_steps
 from maeformer_fast.study.report import arm_summary, how_much_this_supports, paired_effects, strict_json
 from maeformer_fast.study.run import study
 from maeformer_fast.train.finetune import FinetuneConfig, finetune
@@ -38,21 +38,6 @@ def seed_rows(metric: str, values: dict[str, list], labeled: int = 2) -> list[di
         for arm, arm_values in values.items()
         for seed, value in enumerate(arm_values)
     ]
-
-
-def test_plateau_criterion_on_hand_worked_curves():
-    """Catches a plateau measured against the last Dice before the window instead of the best one
-    (tried: ``before = curve[-patience - 1][1]``: the dip-and-recovery curve then counts as progress),
-    and a gain of exactly the tolerance's size counted as progress (tried: ``<`` for ``<=``: the
-    return to an earlier best with tolerance 0 then counts as progress)."""
-    rule = {"patience": 3, "min_delta": 0.005}
-    assert plateaued(curve(0.10, 0.50, 0.600, 0.603, 0.604, 0.602), **rule)  # best 0.604 <= 0.600 + 0.005
-    assert not plateaued(curve(0.10, 0.50, 0.600, 0.603, 0.604, 0.606), **rule)  # 0.606 > 0.605
-    assert plateaued(curve(0.5, 0.7, 0.6, 0.62, 0.64, 0.66), **rule)  # recovering below the earlier best
-    assert plateaued(curve(0.5, 0.75, 0.5, 0.5, 0.75), patience=3, min_delta=0.0)  # 0.75 <= 0.75 + 0
-    assert not plateaued(curve(0.6, 0.6, 0.6), **rule)  # three validations: nothing before the window
-    assert plateaued(curve(0.0, 0.0, 0.0, 0.0), **rule)
-    assert not plateaued(curve(0.0, 0.0, 0.0, 0.0), **rule, min_steps=500)  # step 400: too early
 
 
 def test_flop_matched_budget_arithmetic():

@@ -232,7 +232,7 @@ def train_segmenter(batches, dist_info: DistInfo, accumulate_steps: int = 1) -> 
     config = ft.FinetuneConfig(data="", out="", steps=STEPS, model_overrides=TINY, optimizer="sgd",
                                grad_clip=0.0, accumulate_steps=accumulate_steps)  # fmt: skip
     torch.manual_seed(0)
-    model = ft.NNFormer(get_config(config.model, **TINY))
+    model = ft.NNFormer(get_config("small", **TINY))
     optimisation = ft.build_optimisation(config, model, "fp32", CPU)
     train_model = prepare_model(model, dist_info, CPU)
     for images, labels in batches:

@@ -40,7 +40,13 @@ def test_lr_schedules_by_hand(schedule, optimizer, warmup, expected):
 
     model = NNFormer(get_config("small", embed_dim=8, num_heads=(1, 1, 2, 2)))
     config = FinetuneConfig(
-        data="", out="", steps=8, warmup_steps=warmup, optimizer=optimizer, lr_schedule=schedule
+        data="",
+        out="",
+        recipe="none",
+        steps=8,
+        warmup_steps=warmup,
+        optimizer=optimizer,
+        lr_schedule=schedule,
     )
     optimisation = build_optimisation(config, model, "fp32", torch.device("cpu"))
     lrs = []
@@ -115,7 +121,8 @@ def test_dice_and_hd95_on_hand_built_cases():
 
 def test_short_finetune_reaches_non_trivial_dice_and_predicts_in_source_geometry(phantom_dataset, tmp_path):
     config = FinetuneConfig(data=str(phantom_dataset), out=str(tmp_path / "ft"), steps=120, val_every=60,
-                            num_workers=0, progress=False, max_val_cases=2, evaluate_test=False)  # fmt: skip
+                            num_workers=0, progress=False, max_val_cases=2, evaluate_test=False,
+                            recipe="none")  # fmt: skip
     result = finetune(config)
     # Measured mean foreground Dice after 120 steps (seed 0): 0.181 on torch 2.13, 0.108 on torch 2.11
     # (other arithmetic, same random draws); seeds 1-3 gave 0.088-0.316. The untrained model (lr 1e-12)
@@ -309,7 +316,8 @@ def test_a_checkpoint_from_before_lr_schedule_resumes_only_with_the_decay(phanto
     tiny = {"embed_dim": 8, "num_heads": (1, 1, 2, 2), "depths": (1, 1, 1, 1)}
     common = dict(data=str(phantom_cache), out=str(tmp_path / "run"), steps=2, batch_size=2, num_workers=0,
                   progress=False, checkpoint_every=1, val_every=1, max_val_cases=1, evaluate_test=False,
-                  labeled=2, val_fraction=0.1, test_fraction=0.1, model_overrides=tiny)  # fmt: skip
+                  labeled=2, val_fraction=0.1, test_fraction=0.1, model_overrides=tiny,
+                  recipe="none")  # fmt: skip
     finetune(FinetuneConfig(**{**common, "steps": 1}))
     meta_path = next((tmp_path / "run" / "checkpoints").glob("step-*")) / "meta.json"
     meta = json.loads(meta_path.read_text())

@@ -1,0 +1,1 @@
+"""Integrations of maeformer_fast with other frameworks (imported only by the command line and users)."""
