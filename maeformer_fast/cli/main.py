@@ -68,9 +68,9 @@ FINETUNE_HELP = {
     "model": "model config: small, synapse, acdc, tumor (default: with --init the encoder file's settings, "
     "else small)",
     "recipe": "defaults for the optimisation options left unset: mae (lr 3e-3, warmup 1000, layer decay "
-    "0.75, encoder frozen 500 steps, constant lr), scratch (lr 2e-2, warmup 1000, constant lr) -- the "
-    "converged hippocampus study's choices -- or none (the optimizer's defaults); auto: mae with --init, "
-    "else scratch (default: auto)",
+    "0.75, encoder frozen 500 steps), scratch (lr 2e-2, warmup 1000) -- the converged hippocampus study's "
+    "choices, constant lr with --until-plateau, cosine decay over a fixed --steps -- or none (the "
+    "optimizer's defaults); auto: mae with --init, else scratch (default: auto)",
     "steps": "optimizer steps; with --until-plateau the maximum (default: 300, or with --until-plateau "
     "the recipe's maximum: mae 8000, scratch 28000)",
     "until_plateau": "stop when validation Dice has plateaued (no gain above --plateau-min-delta over "

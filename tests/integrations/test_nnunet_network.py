@@ -9,6 +9,7 @@ nnU-Net's folders: tests/integrations/test_nnunet_train.py builds those).
 from __future__ import annotations
 
 import inspect
+import math
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -113,7 +114,7 @@ def test_recipe_schedule_counts_steps_across_epochs() -> None:
         return next(g["lr"] for g in optimizer.param_groups if any(p is named[prefix] for p in g["params"]))
 
     recipe = (cls.initial_lr, cls.warmup_steps, cls.layer_decay, cls.freeze_encoder_steps, cls.lr_schedule)
-    assert recipe == (3e-3, 1000, 0.75, 500, "constant")
+    assert recipe == (3e-3, 1000, 0.75, 500, "decay")  # a fixed budget decays (recipes.py)
     optimizer, schedule = optimizer_and_schedule()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 / 1000)  # group 0: what nnU-Net logs
     schedule.step(0)  # epoch 0 starts
@@ -127,12 +128,14 @@ def test_recipe_schedule_counts_steps_across_epochs() -> None:
     resumed_optimizer, resumed = optimizer_and_schedule()
     resumed.step(5)  # a run resumed at epoch 5 (--c): step 1250, past the warmup
     assert resumed.iteration == 1250
-    assert lr_of(resumed_optimizer, "heads.0.weight") == pytest.approx(3e-3)
+    # cosine after the warmup, by hand: 250 of the 249,000 decay steps done
+    peak = 3e-3 * 0.5 * (1 + math.cos(math.pi * 250 / 249_000))
+    assert lr_of(resumed_optimizer, "heads.0.weight") == pytest.approx(peak)
     for stage in range(3):
         name = f"encoder.stages.{stage}.blocks.0.attn.qkv.weight"
-        assert lr_of(resumed_optimizer, name) == pytest.approx(3e-3 * 0.75 ** (3 - stage))
+        assert lr_of(resumed_optimizer, name) == pytest.approx(peak * 0.75 ** (3 - stage))
     embedding = lr_of(resumed_optimizer, "encoder.patch_embed.layers.0.conv.weight")
-    assert embedding == pytest.approx(3e-3 * 0.75**4)
+    assert embedding == pytest.approx(peak * 0.75**4)
 
 
 def test_patch_size_the_encoder_cannot_take_is_named() -> None:

@@ -70,22 +70,23 @@ def test_scaling_to_the_batch_and_to_a_short_fixed_budget(monkeypatch):
     accumulation steps on 2 ranks (WORLD_SIZE) is 8 too. A fixed 300 steps (< 4 x 1,000) gets warmup
     300 // 4 = 75 and the encoder frozen 500 * 75 // 1000 = 37 steps, 3,000 steps a warmup of 750;
     8,000 steps keep the study's 1,000 / 500, and so does a plateau run, whose steps are only a maximum.
-    Catches lr scaled linearly (tried: 1.2e-2), the ranks left out of the batch (tried: without
-    WORLD_SIZE: 4.24e-3) and a plateau run's maximum taken as its budget (tried: the ``not
-    until_plateau`` check removed: warmup 500)."""
+    A fixed budget decays its lr; a plateau run keeps the study's constant lr. Catches lr scaled
+    linearly (tried: 1.2e-2), the ranks left out of the batch (tried: without WORLD_SIZE: 4.24e-3) and
+    a plateau run's maximum taken as its budget (tried: the ``not until_plateau`` check removed: warmup
+    500, and a decaying lr for a plateau run)."""
     assert FinetuneConfig(data="d", out="o", init="e", batch_size=8).lr == pytest.approx(6e-3)
     monkeypatch.setenv("WORLD_SIZE", "2")
     spread = FinetuneConfig(data="d", out="o", init="e", batch_size=2, accumulate_steps=2)
     assert spread.lr == pytest.approx(6e-3)
     monkeypatch.delenv("WORLD_SIZE")
     short = FinetuneConfig(data="d", out="o", init="e", steps=300)
-    assert (short.warmup_steps, short.freeze_encoder_steps) == (75, 37)
+    assert (short.warmup_steps, short.freeze_encoder_steps, short.lr_schedule) == (75, 37, "decay")
     assert short.lr == pytest.approx(3e-3)  # batch 2: the study's own
     assert FinetuneConfig(data="d", out="o", init="e", steps=3000).warmup_steps == 750
     full = FinetuneConfig(data="d", out="o", init="e", steps=8000)
     assert (full.warmup_steps, full.freeze_encoder_steps) == (1000, 500)
     capped = FinetuneConfig(data="d", out="o", init="e", steps=2000, until_plateau=True)  # a maximum only
-    assert (capped.warmup_steps, capped.freeze_encoder_steps) == (1000, 500)
+    assert (capped.warmup_steps, capped.freeze_encoder_steps, capped.lr_schedule) == (1000, 500, "constant")
 
 
 def test_the_command_line_gets_the_recipe_and_a_copy_resolves_to_itself():

@@ -51,8 +51,9 @@ class nnUNetTrainer_nnFormer(nnUNetTrainer):
             own SGD value on the instance; ours replaces it there.
         weight_decay: AdamW's decoupled weight decay, not on norms, biases and bias tables (0.01).
         warmup_steps: linear warmup from ``initial_lr / warmup_steps`` to ``initial_lr`` (1000 steps).
-        lr_schedule: after the warmup, "constant" (the study's: its runs stopped on a validation
-            plateau) or "decay" (cosine to 0 at ``num_epochs * num_iterations_per_epoch``).
+        lr_schedule: after the warmup, "decay" (cosine to 0 at ``num_epochs * num_iterations_per_epoch``:
+            nnU-Net trains a fixed budget and predicts with its final checkpoint, as ``finetune`` does
+            for a fixed ``steps``) or "constant" (the study's, whose runs stopped on a plateau).
         layer_decay: encoder stage i of n trains at ``layer_decay ** (n - i)`` of the lr, the
             embedding at ``layer_decay ** (n + 1)``; 1 = one lr for all (1.0).
         freeze_encoder_steps: the encoder's weights (and AdamW moments) stay fixed for the first N
@@ -76,7 +77,7 @@ class nnUNetTrainer_nnFormer(nnUNetTrainer):
     initial_lr: float = RECIPES["scratch"].lr
     weight_decay: float = RECIPES["scratch"].weight_decay
     warmup_steps: int = RECIPES["scratch"].warmup_steps
-    lr_schedule: str = RECIPES["scratch"].lr_schedule
+    lr_schedule: str = "decay"  # nnU-Net runs a fixed number of epochs and predicts with the final model
     layer_decay: float = RECIPES["scratch"].layer_decay
     freeze_encoder_steps: int = RECIPES["scratch"].freeze_encoder_steps
 
@@ -184,7 +185,6 @@ class nnUNetTrainer_nnFormerMAE(nnUNetTrainer_nnFormer):
     initial_lr: float = RECIPES["mae"].lr
     weight_decay: float = RECIPES["mae"].weight_decay
     warmup_steps: int = RECIPES["mae"].warmup_steps
-    lr_schedule: str = RECIPES["mae"].lr_schedule
     layer_decay: float = RECIPES["mae"].layer_decay
     freeze_encoder_steps: int = RECIPES["mae"].freeze_encoder_steps
 
