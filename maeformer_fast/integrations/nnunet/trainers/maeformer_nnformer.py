@@ -80,6 +80,8 @@ class nnUNetTrainer_nnFormer(nnUNetTrainer):
     lr_schedule: str = "decay"  # nnU-Net runs a fixed number of epochs and predicts with the final model
     layer_decay: float = RECIPES["scratch"].layer_decay
     freeze_encoder_steps: int = RECIPES["scratch"].freeze_encoder_steps
+    # (epochs, iterations per epoch, validation iterations per epoch) instead of nnU-Net's; None: its own
+    short_budget: tuple[int, int, int] | None = None
 
     def __init__(
         self,
@@ -92,6 +94,10 @@ class nnUNetTrainer_nnFormer(nnUNetTrainer):
         super().__init__(plans, configuration, fold, dataset_json, device)
         # nnU-Net's __init__ sets its SGD values on the instance, hiding the class's: take ours back.
         self.initial_lr, self.weight_decay = type(self).initial_lr, type(self).weight_decay
+        if self.short_budget is not None:  # the same for its epoch counts, set on the instance too
+            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = (
+                self.short_budget
+            )
 
     @classmethod
     def nnformer_config(
@@ -189,37 +195,18 @@ class nnUNetTrainer_nnFormerMAE(nnUNetTrainer_nnFormer):
     freeze_encoder_steps: int = RECIPES["mae"].freeze_encoder_steps
 
 
-def five_epochs(trainer: nnUNetTrainer) -> None:
-    """5 epochs of 10 iterations and 5 validation iterations: a check that everything runs (50 steps,
-    all within the warmup; with the MAE recipe all with the encoder frozen)."""
-    trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch = 5, 10, 5
+# 5 epochs of 10 iterations and 5 validation iterations: a check that everything runs (50 steps, all
+# within the warmup; with the MAE recipe all with the encoder frozen).
+FIVE_EPOCHS = (5, 10, 5)
 
 
 class nnUNetTrainer_nnFormer_5epochs(nnUNetTrainer_nnFormer):
-    """:class:`nnUNetTrainer_nnFormer` for 5 epochs of 10 iterations (see :func:`five_epochs`)."""
+    """:class:`nnUNetTrainer_nnFormer` for 5 epochs of 10 iterations."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),  # noqa: B008
-    ) -> None:
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        five_epochs(self)
+    short_budget = FIVE_EPOCHS
 
 
 class nnUNetTrainer_nnFormerMAE_5epochs(nnUNetTrainer_nnFormerMAE):
-    """:class:`nnUNetTrainer_nnFormerMAE` for 5 epochs of 10 iterations (see :func:`five_epochs`)."""
+    """:class:`nnUNetTrainer_nnFormerMAE` for 5 epochs of 10 iterations."""
 
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),  # noqa: B008
-    ) -> None:
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        five_epochs(self)
+    short_budget = FIVE_EPOCHS
