@@ -1,10 +1,11 @@
-"""``maeformer nnunet-trainers`` and ``maeformer nnunet-init``: nnFormer inside nnU-Net v2."""
+"""``maeformer nnunet-trainers``, ``nnunet-init`` and ``nnunet-compare``: nnFormer inside nnU-Net v2."""
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import sys
+from pathlib import Path
 from typing import Any
 
 INIT_DESCRIPTION = """\
@@ -20,13 +21,15 @@ trainers find it at training and prediction. Nothing is written unless every enc
 
 
 def add_trainer_commands(subparsers: Any) -> None:
-    """Register ``nnunet-trainers`` and ``nnunet-init`` on an ``argparse`` subparsers object."""
+    """Register ``nnunet-trainers``, ``nnunet-init`` and ``nnunet-compare`` on an ``argparse`` subparsers
+    object."""
     trainers = subparsers.add_parser(
         "nnunet-trainers",
         help="print the folder of the nnFormer trainers, for nnU-Net's nnUNet_extTrainer",
         description="Print the folder to put in nnU-Net's nnUNet_extTrainer environment variable: "
         "export nnUNet_extTrainer=$(maeformer nnunet-trainers). It holds nnUNetTrainer_nnFormer, "
-        "nnUNetTrainer_nnFormerMAE and their _5epochs variants (docs/nnunet.md).",
+        "nnUNetTrainer_nnFormerMAE, their _5epochs and _500it variants and nnUNetTrainer_500it "
+        "(docs/nnunet.md).",
     )
     trainers.set_defaults(func=cmd_nnunet_trainers)
 
@@ -56,6 +59,18 @@ def add_trainer_commands(subparsers: Any) -> None:
     init.add_argument("--out", required=True, help="checkpoint to write (.pth)")
     init.set_defaults(func=cmd_nnunet_init)
 
+    compare = subparsers.add_parser(
+        "nnunet-compare",
+        help="validation Dice of nnU-Net runs side by side, per trainer and paired by run",
+        description="Read every nnU-Net validation summary.json under FOLDER (an nnUNet_results folder "
+        "or records laid out as RUN/TRAINER/summary.json) and print Markdown tables: Dice per trainer "
+        "(mean ± sd over its runs), every run's foreground mean Dice, and paired differences between "
+        "trainers over the runs both have. A run is the summary's path without its trainer folder.",
+    )
+    compare.add_argument("folder", help="folder searched for summary.json files")
+    compare.add_argument("--out", default=None, help="also write the tables to this Markdown file")
+    compare.set_defaults(func=cmd_nnunet_compare)
+
 
 def cmd_nnunet_trainers(args: argparse.Namespace) -> int:
     from ..integrations.nnunet.environment import INSTALL_COMMAND, trainers_folder
@@ -81,4 +96,15 @@ def cmd_nnunet_init(args: argparse.Namespace) -> int:
         f"next: nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr {args.trainer} -p {args.plans} "
         f"-pretrained_weights {result.out}"
     )
+    return 0
+
+
+def cmd_nnunet_compare(args: argparse.Namespace) -> int:
+    from ..data.io import atomic_write_text
+    from ..integrations.nnunet.compare import comparison_markdown, find_results
+
+    text = comparison_markdown(find_results(args.folder))
+    print(text, end="")
+    if args.out:
+        atomic_write_text(Path(args.out), text)
     return 0

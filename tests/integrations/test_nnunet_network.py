@@ -93,6 +93,49 @@ def test_trainer_builds_the_recorded_nnformer_else_its_default() -> None:
         cls.build_network_architecture(None, configuration([64, 64]), 1, 3)
 
 
+def stand_in_trainer(cls, network, epochs: int, iterations: int, batch: int):
+    """A ``cls`` instance holding only what ``configure_optimizers`` and ``recipe_settings`` read (not
+    built by nnU-Net's ``__init__``, which needs its folders), with nnU-Net's own initial_lr and
+    weight_decay set on the instance as its ``__init__`` does."""
+    trainer = object.__new__(cls)
+    trainer.network, trainer.num_epochs, trainer.num_iterations_per_epoch = network, epochs, iterations
+    trainer.configuration_manager = SimpleNamespace(batch_size=batch)
+    trainer.initial_lr, trainer.weight_decay = 1e-2, 3e-5
+    return trainer
+
+
+def test_recipes_scale_to_nnunet_batch_and_budget() -> None:
+    """The trainers' settings follow ``maeformer finetune``'s rules, checked by hand: at nnU-Net's
+    batch 8 the MAE lr is 3e-3 x sqrt(8 / 2) = 6e-3 and the scratch lr 2e-2 x 2 = 4e-2; 1000 x 250 steps
+    keep the 1000-step warmup and 500 frozen steps; the 500-step budget gets a warmup of 125 and 62
+    frozen steps (500 x 125 // 1000); a subclass's own value wins; nnU-Net's SGD lr on the instance
+    is not used. Mutations seen failing: the batch not passed (lr 3e-3 at batch 8); the class values
+    read from the instance (nnU-Net's 1e-2)."""
+    module = trainers()
+    network = module.nnUNetTrainer_nnFormer.build_network_architecture(
+        None, configuration([16, 20, 20]), 1, 3
+    )
+
+    def settings(cls, epochs: int, iterations: int, batch: int) -> dict:
+        return stand_in_trainer(cls, network, epochs, iterations, batch).recipe_settings()[0]
+
+    mae = settings(module.nnUNetTrainer_nnFormerMAE, 1000, 250, 8)
+    assert mae == {"lr": pytest.approx(6e-3), "warmup_steps": 1000, "weight_decay": 0.01, "layer_decay": 0.75,
+                   "freeze_encoder_steps": 500, "lr_schedule": "decay"}  # fmt: skip
+    scratch = settings(module.nnUNetTrainer_nnFormer, 1000, 250, 8)
+    assert scratch["lr"] == pytest.approx(4e-2) and scratch["layer_decay"] == 1.0
+    short = settings(module.nnUNetTrainer_nnFormerMAE_500it, 20, 25, 2)
+    assert (short["lr"], short["warmup_steps"], short["freeze_encoder_steps"]) == (
+        pytest.approx(3e-3),
+        125,
+        62,
+    )
+    smoke = settings(module.nnUNetTrainer_nnFormerMAE_5epochs, 5, 10, 2)  # keeps the full warmup on purpose
+    assert (smoke["warmup_steps"], smoke["freeze_encoder_steps"]) == (1000, 500)
+    own = type("OwnLR", (module.nnUNetTrainer_nnFormerMAE,), {"initial_lr": 1e-4})
+    assert settings(own, 1000, 250, 8)["lr"] == 1e-4
+
+
 def test_recipe_schedule_counts_steps_across_epochs() -> None:
     """The MAE recipe's optimizer: decoder and heads at lr 3e-3 after a 1000-step warmup, encoder stage
     i of 3 at 0.75^(3 - i) of it, the embedding at 0.75^4; nnU-Net's epoch call places the schedule at
@@ -104,17 +147,15 @@ def test_recipe_schedule_counts_steps_across_epochs() -> None:
     network = cls.build_network_architecture(None, configuration([16, 20, 20]), 1, 3)
 
     def optimizer_and_schedule():
-        attributes = ("initial_lr", "weight_decay", "layer_decay", "warmup_steps", "lr_schedule")
-        trainer = SimpleNamespace(network=network, num_epochs=1000, num_iterations_per_epoch=250,
-                                  **{name: getattr(cls, name) for name in attributes})  # fmt: skip
-        return cls.configure_optimizers(trainer)
+        trainer = stand_in_trainer(cls, network, epochs=1000, iterations=250, batch=2)
+        optimizer, schedule = trainer.configure_optimizers()
+        assert (trainer.initial_lr, trainer.freeze_encoder_steps) == (3e-3, 500)  # set for train_step
+        return optimizer, schedule
 
     def lr_of(optimizer, prefix: str) -> float:
         named = dict(network.named_parameters())
         return next(g["lr"] for g in optimizer.param_groups if any(p is named[prefix] for p in g["params"]))
 
-    recipe = (cls.initial_lr, cls.warmup_steps, cls.layer_decay, cls.freeze_encoder_steps, cls.lr_schedule)
-    assert recipe == (3e-3, 1000, 0.75, 500, "decay")  # a fixed budget decays (recipes.py)
     optimizer, schedule = optimizer_and_schedule()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 / 1000)  # group 0: what nnU-Net logs
     schedule.step(0)  # epoch 0 starts

@@ -161,7 +161,9 @@ def test_predict_writes_label_maps_in_the_input_geometry(nnunet: dict, mae_run: 
 def test_scratch_trainer_runs_with_its_default_nnformer(nnunet: dict) -> None:
     """``nnUNetTrainer_nnFormer_5epochs`` trains on plans without an entry: it builds the trainers'
     default nnFormer and warms up to the scratch recipe's lr 2e-2 (epoch 4 starts at step 40:
-    2e-2 x 41 / 1000). Mutation seen failing: the scratch trainer with the MAE recipe's lr (3e-3)."""
+    2e-2 x 41 / 1000), and its log says which recipe and what the 5-epoch class changed in it (the
+    warmup a 50-step budget would get, 12, kept at 1000). Mutation seen failing: the scratch trainer
+    with the MAE recipe's lr (3e-3)."""
     plans = plans_copy(nnunet, "nnUNetPlansScratch")
     trainer = "nnUNetTrainer_nnFormer_5epochs"
     run(
@@ -183,6 +185,7 @@ def test_scratch_trainer_runs_with_its_default_nnformer(nnunet: dict) -> None:
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "nnFormer from the trainer's default" in log
     assert "Current learning rate: 0.00082" in log
+    assert "recipe scratch (" in log and "set by the run instead: warmup_steps (recipe: 12)" in log
 
 
 def test_study_encoder_hands_over(nnunet: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -244,3 +247,24 @@ def test_nnunet_init_names_what_does_not_fit(
     torch.save({"state_dict": {"model_down.patch_embed.norm.weight": torch.ones(3)}}, official)
     assert "--official synapse|acdc|tumor" in init(official)
     assert not out.exists() and plans_file.read_text() == written
+
+
+def test_budget_trainers_set_their_length_on_the_instance(
+    nnunet: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ``_500it`` trainers, nnU-Net's CNN among them, built by nnU-Net's own ``__init__`` on real
+    plans: 20 epochs of 25 iterations (500 steps), 5 validation iterations, a checkpoint every epoch
+    (nnU-Net: 1000 x 250, 50, every 50); the nnFormer ones keep their recipe's name. Mutation seen
+    failing: ``BudgetedTrainer`` not setting ``save_every`` (nnU-Net's 50)."""
+    use_nnunet_folders(nnunet, monkeypatch)
+    from maeformer_fast.integrations.nnunet.trainers import maeformer_nnformer as module
+
+    plans = json.loads(nnunet["plans"])
+    dataset_json = json.loads((nnunet["dataset"] / "dataset.json").read_text())
+    for name in ("nnUNetTrainer_500it", "nnUNetTrainer_nnFormer_500it", "nnUNetTrainer_nnFormerMAE_500it"):
+        # nnU-Net's run_training adds (and the trainer pops) "continue_training"
+        run_plans = {**plans, "continue_training": False}
+        trainer = getattr(module, name)(run_plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+        budget = (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch)
+        assert budget == (20, 25, 5) and trainer.save_every == 1, name
+    assert module.nnUNetTrainer_nnFormerMAE_500it.recipe == "mae"

@@ -10,6 +10,7 @@ the file), so every import here is absolute. docs/nnunet.md has the whole pictur
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ from maeformer_fast.integrations.nnunet.network import (
 )
 from maeformer_fast.integrations.nnunet.schedule import IterationScheduler, recipe_optimizer
 from maeformer_fast.models.config import NNFormerConfig
-from maeformer_fast.train.recipes import RECIPES
+from maeformer_fast.train.recipes import RECIPE_FIELDS, RECIPES, describe, recipe_values
 
 try:
     from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
@@ -34,7 +35,42 @@ except ImportError as error:  # a clear message with the install command instead
     raise missing_nnunet(error) from error
 
 
-class nnUNetTrainer_nnFormer(nnUNetTrainer):
+# The trainer attribute of each recipe field where nnU-Net has its own name for it.
+TRAINER_ATTRIBUTE = {"lr": "initial_lr"}
+
+
+class BudgetedTrainer(nnUNetTrainer):
+    """An nnU-Net trainer whose class attributes may replace nnU-Net's training length and checkpoint
+    interval, which its ``__init__`` sets on the instance.
+
+    Attributes:
+        short_budget: (epochs, iterations per epoch, validation iterations per epoch) instead of
+            nnU-Net's 1000 x 250 (x 50), or None.
+        save_every_epochs: epochs between two ``checkpoint_latest.pth`` (what ``--c`` continues
+            from), or None for nnU-Net's 50.
+    """
+
+    short_budget: tuple[int, int, int] | None = None
+    save_every_epochs: int | None = None
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature, which it inspects)
+    ) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.short_budget is not None:
+            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = (
+                self.short_budget
+            )
+        if self.save_every_epochs is not None:
+            self.save_every = self.save_every_epochs
+
+
+class nnUNetTrainer_nnFormer(BudgetedTrainer):
     """nnFormer from random initialisation, with the converged hippocampus study's scratch recipe.
 
     nnU-Net's data, augmentation, Dice + CE loss, epochs (1000 x 250 iterations), validation and
@@ -47,21 +83,26 @@ class nnUNetTrainer_nnFormer(nnUNetTrainer):
             ``maeformer_nnformer`` entry (``maeformer nnunet-init`` writes one from the encoder):
             ``models.config.get_config(model_name, **model_overrides)``, by default the study's
             3-stage small config (embedding 32, patch 2, 4^3 windows, total stride 8).
-        initial_lr: peak AdamW learning rate after the warmup (2e-2). nnU-Net's ``__init__`` sets its
-            own SGD value on the instance; ours replaces it there.
-        weight_decay: AdamW's decoupled weight decay, not on norms, biases and bias tables (0.01).
-        warmup_steps: linear warmup from ``initial_lr / warmup_steps`` to ``initial_lr`` (1000 steps).
-        lr_schedule: after the warmup, "decay" (cosine to 0 at ``num_epochs * num_iterations_per_epoch``:
-            nnU-Net trains a fixed budget and predicts with its final checkpoint, as ``finetune`` does
-            for a fixed ``steps``) or "constant" (the study's, whose runs stopped on a plateau).
+        recipe: the fine-tuning recipe (``train.recipes.RECIPES``) that fills every setting below left
+            at None, as ``maeformer finetune`` does for a fixed number of steps (``recipe_values``):
+            the peak lr scaled by sqrt(plans batch size / 2), a cosine decay to 0 at the last step
+            (nnU-Net predicts with its final checkpoint), and for a budget under four warmups a
+            warmup of a quarter of it, the encoder frozen for the study's share of the warmup.
+            "scratch" here (lr 2e-2, warmup 1000, weight decay 0.01).
+        initial_lr: peak AdamW learning rate after the warmup. nnU-Net's ``__init__`` sets its own
+            SGD value on the instance; ``configure_optimizers`` replaces it with the one used.
+        weight_decay: AdamW's decoupled weight decay, not on norms, biases and bias tables.
+        warmup_steps: linear warmup from ``initial_lr / warmup_steps`` to ``initial_lr``.
+        lr_schedule: after the warmup, "decay" (cosine to 0 at ``num_epochs * num_iterations_per_epoch``)
+            or "constant" (the study's, whose runs stopped on a plateau).
         layer_decay: encoder stage i of n trains at ``layer_decay ** (n - i)`` of the lr, the
-            embedding at ``layer_decay ** (n + 1)``; 1 = one lr for all (1.0).
+            embedding at ``layer_decay ** (n + 1)``; 1 = one lr for all.
         freeze_encoder_steps: the encoder's weights (and AdamW moments) stay fixed for the first N
-            steps (0).
+            steps.
+        short_budget, save_every_epochs: see :class:`BudgetedTrainer`.
 
-    The recipe's values come from ``maeformer_fast.train.recipes.RECIPES["scratch"]``, tuned at batch 2
-    on 32x48x32 crops: with nnU-Net's batch size and patch (its plans) they are a starting point, not
-    a tuned optimum. The study's step maximum is not used: nnU-Net's ``num_epochs`` decides.
+    The recipes were tuned at batch 2 on 32x48x32 crops: with nnU-Net's batch size and patch (its
+    plans) they are a starting point, not a tuned optimum. The log's first lines give the values used.
 
     Deep supervision: the heads' outputs at [1, 1/s_1, 1/(s_1 s_2)] of the patch (s_i the encoder's
     downsampling strides), with the scales nnU-Net's target downsampling needs (see
@@ -74,30 +115,13 @@ class nnUNetTrainer_nnFormer(nnUNetTrainer):
 
     model_name: str = "small"
     model_overrides: dict = {"depths": (2, 2, 2), "num_heads": (2, 4, 8), "window_sizes": ((4, 4, 4),) * 3}
-    initial_lr: float = RECIPES["scratch"].lr
-    weight_decay: float = RECIPES["scratch"].weight_decay
-    warmup_steps: int = RECIPES["scratch"].warmup_steps
-    lr_schedule: str = "decay"  # nnU-Net runs a fixed number of epochs and predicts with the final model
-    layer_decay: float = RECIPES["scratch"].layer_decay
-    freeze_encoder_steps: int = RECIPES["scratch"].freeze_encoder_steps
-    # (epochs, iterations per epoch, validation iterations per epoch) instead of nnU-Net's; None: its own
-    short_budget: tuple[int, int, int] | None = None
-
-    def __init__(
-        self,
-        plans: dict,
-        configuration: str,
-        fold: int,
-        dataset_json: dict,
-        device: torch.device = torch.device("cuda"),  # noqa: B008 (nnU-Net's signature, which it inspects)
-    ) -> None:
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        # nnU-Net's __init__ sets its SGD values on the instance, hiding the class's: take ours back.
-        self.initial_lr, self.weight_decay = type(self).initial_lr, type(self).weight_decay
-        if self.short_budget is not None:  # the same for its epoch counts, set on the instance too
-            self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = (
-                self.short_budget
-            )
+    recipe: str = "scratch"
+    initial_lr: float | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    lr_schedule: str | None = None
+    layer_decay: float | None = None
+    freeze_encoder_steps: int | None = None
 
     @classmethod
     def nnformer_config(
@@ -148,14 +172,28 @@ class nnUNetTrainer_nnFormer(nnUNetTrainer):
         weights = [0.5**i for i in range(len(loss.weight_factors))]
         return DeepSupervisionWrapper(loss.loss, [w / sum(weights) for w in weights])
 
+    def recipe_settings(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(settings used, the recipe's own for this budget and batch), each keyed by
+        ``train.recipes.RECIPE_FIELDS``: the recipe's value where the class leaves a setting None."""
+        steps = self.num_epochs * self.num_iterations_per_epoch
+        recipe = recipe_values(
+            self.recipe, steps, until_plateau=False, batch=self.configuration_manager.batch_size
+        )
+        cls = type(self)  # nnU-Net's __init__ set its own initial_lr and weight_decay on the instance
+        own = {key: getattr(cls, TRAINER_ATTRIBUTE.get(key, key)) for key in RECIPE_FIELDS}
+        return {key: recipe[key] if own[key] is None else own[key] for key in RECIPE_FIELDS}, recipe
+
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, IterationScheduler]:
+        settings, _ = self.recipe_settings()
+        for key, value in settings.items():  # on the instance: nnU-Net's debug.json and train_step read them
+            setattr(self, TRAINER_ATTRIBUTE.get(key, key), value)
         return recipe_optimizer(
             plain_network(self.network),
-            self.initial_lr,
-            self.weight_decay,
-            self.layer_decay,
-            self.warmup_steps,
-            self.lr_schedule,
+            settings["lr"],
+            settings["weight_decay"],
+            settings["layer_decay"],
+            settings["warmup_steps"],
+            settings["lr_schedule"],
             self.num_epochs * self.num_iterations_per_epoch,
             self.num_iterations_per_epoch,
         )
@@ -165,6 +203,9 @@ class nnUNetTrainer_nnFormer(nnUNetTrainer):
         config = plain_network(self.network).config
         _, source = self.nnformer_config(self.configuration_manager, config.in_channels, config.num_classes)
         self.print_to_log_file(f"nnFormer from {source}: {config}", add_timestamp=False)
+        settings, recipe = self.recipe_settings()
+        steps = self.num_epochs * self.num_iterations_per_epoch
+        self.print_to_log_file(describe(self.recipe, settings, recipe, steps), add_timestamp=False)
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's step with the encoder frozen while ``iteration < freeze_encoder_steps`` (no
@@ -179,34 +220,66 @@ class nnUNetTrainer_nnFormer(nnUNetTrainer):
 
 class nnUNetTrainer_nnFormerMAE(nnUNetTrainer_nnFormer):
     """nnFormer from an MAE-pretrained encoder, with the recipe the converged hippocampus study chose
-    for it (``RECIPES["mae"]``): AdamW at lr 3e-3 (``initial_lr``), warmup 1000 steps then constant,
-    weight decay 0.01, layer decay 0.75, encoder frozen for the first 500 steps.
+    for it (``RECIPES["mae"]``: AdamW at lr 3e-3, warmup 1000 steps, weight decay 0.01, layer decay
+    0.75, encoder frozen for the first 500 steps), scaled to nnU-Net's batch and budget as described
+    in :class:`nnUNetTrainer_nnFormer`.
 
     The weights come through nnU-Net's own flag: ``maeformer nnunet-init ENCODER --dataset D --out
     init.pth``, then ``nnUNetv2_train D 3d_fullres FOLD -tr nnUNetTrainer_nnFormerMAE
     -pretrained_weights init.pth``. Without ``-pretrained_weights`` it trains this recipe from random
-    weights. See :class:`nnUNetTrainer_nnFormer` for the attributes.
+    weights.
     """
 
-    initial_lr: float = RECIPES["mae"].lr
-    weight_decay: float = RECIPES["mae"].weight_decay
-    warmup_steps: int = RECIPES["mae"].warmup_steps
-    layer_decay: float = RECIPES["mae"].layer_decay
-    freeze_encoder_steps: int = RECIPES["mae"].freeze_encoder_steps
+    recipe = "mae"
 
 
-# 5 epochs of 10 iterations and 5 validation iterations: a check that everything runs (50 steps, all
-# within the warmup; with the MAE recipe all with the encoder frozen).
+# 5 epochs of 10 iterations and 5 validation iterations: a check that everything runs. Its 50 steps
+# keep the recipe's full warmup (no short-budget scaling), so that all fall within it and, with the
+# MAE recipe, within the frozen encoder's 500: tests see the pretrained encoder untouched.
 FIVE_EPOCHS = (5, 10, 5)
 
 
 class nnUNetTrainer_nnFormer_5epochs(nnUNetTrainer_nnFormer):
-    """:class:`nnUNetTrainer_nnFormer` for 5 epochs of 10 iterations."""
+    """:class:`nnUNetTrainer_nnFormer` for 5 epochs of 10 iterations, with the recipe's full warmup."""
 
     short_budget = FIVE_EPOCHS
+    warmup_steps = RECIPES["scratch"].warmup_steps
 
 
 class nnUNetTrainer_nnFormerMAE_5epochs(nnUNetTrainer_nnFormerMAE):
-    """:class:`nnUNetTrainer_nnFormerMAE` for 5 epochs of 10 iterations."""
+    """:class:`nnUNetTrainer_nnFormerMAE` for 5 epochs of 10 iterations, with the recipe's full warmup
+    and encoder freezing."""
 
     short_budget = FIVE_EPOCHS
+    warmup_steps = RECIPES["mae"].warmup_steps
+    freeze_encoder_steps = RECIPES["mae"].freeze_encoder_steps
+
+
+# A budget for comparisons on CPUs: 20 epochs of 25 iterations (500 optimizer steps) with 5
+# validation iterations each, and a checkpoint_latest.pth after every epoch so that a stopped run
+# continues (``nnUNetv2_train ... --c``) losing at most one epoch. At the study's batch 2 its best
+# few-label models came after 600 to 2,000 steps; 500 steps of nnU-Net's batch (7 on hippocampus)
+# see about as many crops. results/nnunet_hippocampus/ compares the three trainers at this budget.
+BUDGET_500 = (20, 25, 5)
+
+
+class nnUNetTrainer_nnFormer_500it(nnUNetTrainer_nnFormer):
+    """:class:`nnUNetTrainer_nnFormer` for 500 steps (20 epochs of 25 iterations)."""
+
+    short_budget = BUDGET_500
+    save_every_epochs = 1
+
+
+class nnUNetTrainer_nnFormerMAE_500it(nnUNetTrainer_nnFormerMAE):
+    """:class:`nnUNetTrainer_nnFormerMAE` for 500 steps (20 epochs of 25 iterations)."""
+
+    short_budget = BUDGET_500
+    save_every_epochs = 1
+
+
+class nnUNetTrainer_500it(BudgetedTrainer, nnUNetTrainer):
+    """nnU-Net's own trainer and network (its CNN, SGD with its poly schedule) for the same 500 steps:
+    the baseline nnU-Net users know, at the budget of the ``_500it`` nnFormer trainers."""
+
+    short_budget = BUDGET_500
+    save_every_epochs = 1
