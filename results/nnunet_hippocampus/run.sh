@@ -33,7 +33,7 @@ export nnUNet_n_proc_DA=${nnUNet_n_proc_DA:-0} nnUNet_def_n_proc=${nnUNet_def_n_
 export nnUNet_extTrainer=$(maeformer nnunet-trainers)
 DATASET=Dataset004_Hippocampus
 PLANS_FOLDER=$nnUNet_preprocessed/$DATASET
-ENCODER=$ROOT/pretrain/encoder.safetensors
+ENCODER=$ROOT/pretrain/encoder.safetensors   # written when the pretraining has finished
 INIT=$ROOT/init.pth
 mkdir -p "$ROOT" "$REPORT"
 exec 9>"$ROOT/run.lock"  # one call at a time per folder: two would train the same runs side by side
@@ -51,26 +51,7 @@ if [ ! -f "$PLANS_FOLDER/nnUNetPlans.json" ]; then
     nnUNet_n_proc_DA=1 nnUNetv2_plan_and_preprocess -d 4 -c 3d_fullres -np 1 -npfp 1
 fi
 
-# 2. Pretraining on exactly the arrays nnU-Net trains on (the plans' spacing, normalisation and axis
-#    order, a crop of the plans' patch size), with the converged study's 3-stage encoder and settings.
-if [ ! -f "$ENCODER" ]; then
-    [ "$(seconds_left)" -gt 60 ] || { echo "run.sh: out of time before pretraining"; exit 0; }
-    status=0
-    timeout --signal=TERM "$(seconds_left)" maeformer pretrain --data "$PLANS_FOLDER/nnUNetPlans_3d_fullres" \
-        --out "$ROOT/pretrain" --steps "$PRETRAIN_STEPS" --mask-ratio 0.6 --batch-size 2 --lr 5e-4 \
-        --weight-decay 0.05 --checkpoint-every 500 --preview-every 5000 --num-workers 0 --no-progress \
-        --model-overrides '{"depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_sizes": [[4, 4, 4], [4, 4, 4], [4, 4, 4]]}' \
-        --resume auto || status=$?
-    # 75: stopped by the time limit's SIGTERM with a checkpoint; the next call continues it
-    [ "$status" -eq 0 ] || { echo "run.sh: pretraining stopped (exit $status); rerun to continue"; exit 0; }
-fi
-# The encoder into a whole-network checkpoint for the MAE trainer; it also records the encoder's
-# architecture in nnUNetPlans.json, so that the scratch nnFormer is built the same.
-MAE_TRAINER=$(tr ' ' '\n' <<<"$TRAINERS" | grep MAE | head -1)
-[ -f "$INIT" ] || maeformer nnunet-init "$ENCODER" --dataset 4 --configuration 3d_fullres \
-    --trainer "$MAE_TRAINER" --out "$INIT"
-
-# 3. Per seed a view of the preprocessed dataset (links to everything but splits_final.json) whose
+# 2. Per seed a view of the preprocessed dataset (links to everything but splits_final.json) whose
 #    fold 0 trains on the 2 labeled cases the seed draws, so that seeds can run side by side.
 for seed in $SEEDS; do
     view=$ROOT/seed-$seed/preprocessed/$DATASET
@@ -81,6 +62,22 @@ for seed in $SEEDS; do
     maeformer nnunet-split --dataset "$view" --labeled 2 --seed "$seed" >/dev/null
 done
 
+# 3. The work, JOBS tasks at a time: the pretraining first (where a trainer needs it), the runs that
+#    need no encoder beside it, the MAE runs last (skipped until the encoder exists: rerun).
+pretrain_encoder() {
+    # On exactly the arrays nnU-Net trains on (the plans' spacing, normalisation and axis order, a
+    # crop of the plans' patch size), with the converged study's 3-stage encoder and settings.
+    local status=0
+    echo "run.sh: pretraining ($PRETRAIN_STEPS steps)"
+    timeout --signal=TERM "$(seconds_left)" maeformer pretrain --data "$PLANS_FOLDER/nnUNetPlans_3d_fullres" \
+        --out "$ROOT/pretrain" --steps "$PRETRAIN_STEPS" --mask-ratio 0.6 --batch-size 2 --lr 5e-4 \
+        --weight-decay 0.05 --checkpoint-every 500 --preview-every 5000 --num-workers 0 --no-progress \
+        --model-overrides '{"depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_sizes": [[4, 4, 4], [4, 4, 4], [4, 4, 4]]}' \
+        --resume auto >>"$ROOT/pretrain.log" 2>&1 || status=$?
+    # 75: stopped by the time limit's SIGTERM after a checkpoint; the next call continues it
+    [ "$status" -eq 0 ] || echo "run.sh: pretraining stopped (exit $status); rerun to continue"
+}
+
 train_one() {  # seed trainer: one nnU-Net run, started, continued or skipped when validated
     local seed=$1 trainer=$2
     local results=$ROOT/seed-$seed/results
@@ -88,17 +85,30 @@ train_one() {  # seed trainer: one nnU-Net run, started, continued or skipped wh
     [ -f "$fold/validation/summary.json" ] && return 0
     [ "$(seconds_left)" -gt 60 ] || return 0
     local start=()
-    if [ -f "$fold/checkpoint_latest.pth" ] || [ -f "$fold/checkpoint_final.pth" ]; then start=(--c)
-    elif [[ $trainer == *MAE* ]]; then start=(-pretrained_weights "$INIT"); fi
+    if [ -f "$fold/checkpoint_latest.pth" ] || [ -f "$fold/checkpoint_final.pth" ]; then
+        start=(--c)
+    elif [[ $trainer == *MAE* ]]; then
+        [ -f "$ENCODER" ] || { echo "run.sh: seed $seed $trainer waits for the pretraining"; return 0; }
+        # The encoder as a whole-network checkpoint; it records the encoder's architecture in
+        # nnUNetPlans.json (the same as the scratch trainer's default: 3-stage small).
+        flock "$ROOT/init.lock" bash -c '[ -f "$1" ] || maeformer nnunet-init "$2" --dataset 4 \
+            --configuration 3d_fullres --trainer "$3" --out "$1"' _ "$INIT" "$ENCODER" "$trainer"
+        start=(-pretrained_weights "$INIT")
+    fi
     echo "run.sh: seed $seed $trainer ${start[*]:-(new)}"
     nnUNet_preprocessed=$ROOT/seed-$seed/preprocessed nnUNet_results=$results \
         timeout --signal=TERM "$(seconds_left)" nnUNetv2_train 4 3d_fullres 0 -tr "$trainer" -device cpu \
         "${start[@]}" >>"$ROOT/seed-$seed/$trainer.log" 2>&1 || echo "run.sh: seed $seed $trainer stopped (exit $?)"
 }
-export -f train_one seconds_left
-export ROOT DATASET INIT DEADLINE
-for seed in $SEEDS; do for trainer in $TRAINERS; do echo "$seed $trainer"; done; done |
-    xargs -P "$JOBS" -L 1 bash -c 'train_one "$@"' _
+
+task() { if [ "$1" = pretrain ]; then pretrain_encoder; else train_one "$@"; fi; }
+export -f task pretrain_encoder train_one seconds_left
+export ROOT DATASET PLANS_FOLDER ENCODER INIT DEADLINE PRETRAIN_STEPS
+{
+    if grep -q MAE <<<"$TRAINERS" && [ ! -f "$ENCODER" ]; then echo pretrain; fi
+    for trainer in $TRAINERS; do [[ $trainer == *MAE* ]] || for seed in $SEEDS; do echo "$seed $trainer"; done; done
+    for trainer in $TRAINERS; do [[ $trainer != *MAE* ]] || for seed in $SEEDS; do echo "$seed $trainer"; done; done
+} | xargs -P "$JOBS" -L 1 bash -c 'task "$@"' _
 
 # 4. Records (nnU-Net's logs, progress plots, validation summaries; no weights) and results.md.
 for seed in $SEEDS; do
