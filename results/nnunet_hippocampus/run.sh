@@ -120,8 +120,13 @@ for seed in $SEEDS; do
         cp "$fold"/training_log_*.txt "$fold"/progress.png "$fold"/debug.json "$dest"/ 2>/dev/null || true
         cp "$fold"/validation/summary.json "$dest"/ 2>/dev/null || true
     done
+    mkdir -p "$REPORT/records/seed-$seed"
     cp "$ROOT/seed-$seed/preprocessed/$DATASET/splits_final.maeformer.json" "$REPORT/records/seed-$seed/"
 done
 mkdir -p "$REPORT/records/pretrain"
 cp "$ROOT"/pretrain/*.json "$ROOT"/pretrain/*.csv "$REPORT/records/pretrain/" 2>/dev/null || true
-maeformer nnunet-compare "$REPORT/records" --out "$REPORT/results.md"
+if [ -n "$(find "$REPORT/records" -name summary.json)" ]; then
+    maeformer nnunet-compare "$REPORT/records" --out "$REPORT/results.md"
+else
+    echo "run.sh: no run has finished yet; rerun to continue"
+fi
