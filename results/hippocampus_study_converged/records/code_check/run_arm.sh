@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One code version's arm of labeled 1, seed 0, in OUT=runs/repro_check/${PREFIX}out-VERSION (a copy of the finished
 # study's tuning and pretraining records, the other arms of seed 0 marked finished with their old result.json).
+# As it ran from runs/repro_check/ (its own folder W, holding code-VERSION from `git archive VERSION maeformer_fast`).
 set -euo pipefail
 v=$1; W=$(cd "$(dirname "$0")" && pwd)
 cd /work/main
