@@ -100,10 +100,15 @@ for K in 1 2 4 8 16 all; do
 done
 wait
 
-# 3. Tables, effects, plots and report.md over every finished arm (partial results included).
-if compgen -G "$OUT/runs/labeled-*/seed-*/*/result.json" >/dev/null; then
+# 3. Tables, effects, plots and report.md over every finished arm: into $REPORT once all 90 arms
+#    (6 counts x 5 seeds x 3 arms) have finished, before that into $OUT/report-partial, so that a
+#    chunk of a rerun (the scratch arms since 2026-12-07) leaves the committed report alone.
+ARMS_DONE=$(compgen -G "$OUT/runs/labeled-*/seed-*/*/result.json" | wc -l || true)
+REPORT_HERE=$REPORT
+[ "$ARMS_DONE" -ge 90 ] || REPORT_HERE=$OUT/report-partial
+if [ "$ARMS_DONE" -gt 0 ]; then
     PYTHONPATH=$CHECKOUT_PYTHONPATH maeformer study --data "$DATA" --out "$OUT" --report-only \
-        --report-dir "$REPORT"
+        --report-dir "$REPORT_HERE"
 else
     echo "no arm has finished yet: no report" >&2
 fi
