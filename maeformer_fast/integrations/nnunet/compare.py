@@ -58,10 +58,10 @@ def find_results(root: str | Path) -> list[ValidationResult]:
     return sorted(results, key=lambda result: (result.trainer, result.run))
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+def _mean_sd(values: list[float], sign: str = "") -> str:
+    """The mean (with ``sign`` "+" a signed one) and, over two or more values, ± the sample sd."""
+    text = f"{statistics.mean(values):{sign}.3f}"
+    return text + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")
 
 
 def comparison_markdown(results: list[ValidationResult]) -> str:
@@ -90,15 +90,9 @@ def comparison_markdown(results: list[ValidationResult]) -> str:
         if shared:
             differences = [by_trainer[second][run]["mean"] - by_trainer[first][run]["mean"] for run in shared]
             wins = sum(difference > 0 for difference in differences)
-            pairs.append(
-                f"| {second} - {first} | {len(shared)} | {_signed(differences)} | {wins} / {len(shared)} |"
-            )
+            mean = _mean_sd(differences, "+")
+            pairs.append(f"| {second} - {first} | {len(shared)} | {mean} | {wins} / {len(shared)} |")
     if pairs:
         lines += ["", "Paired differences of the foreground mean Dice (runs both trainers have):", ""]
         lines += ["| difference | runs | mean ± sd | runs where > 0 |", "|---|---|---|---|", *pairs]
     return "\n".join(lines) + "\n"
-
-
-def _signed(values: list[float]) -> str:
-    mean = statistics.mean(values)
-    return f"{mean:+.3f}" + (f" ± {statistics.stdev(values):.3f}" if len(values) > 1 else "")

@@ -172,12 +172,16 @@ class nnUNetTrainer_nnFormer(BudgetedTrainer):
         weights = [0.5**i for i in range(len(loss.weight_factors))]
         return DeepSupervisionWrapper(loss.loss, [w / sum(weights) for w in weights])
 
+    @property
+    def total_steps(self) -> int:
+        """Optimizer steps of the whole run: one per nnU-Net training iteration."""
+        return self.num_epochs * self.num_iterations_per_epoch
+
     def recipe_settings(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(settings used, the recipe's own for this budget and batch), each keyed by
         ``train.recipes.RECIPE_FIELDS``: the recipe's value where the class leaves a setting None."""
-        steps = self.num_epochs * self.num_iterations_per_epoch
         recipe = recipe_values(
-            self.recipe, steps, until_plateau=False, batch=self.configuration_manager.batch_size
+            self.recipe, self.total_steps, until_plateau=False, batch=self.configuration_manager.batch_size
         )
         cls = type(self)  # nnU-Net's __init__ set its own initial_lr and weight_decay on the instance
         own = {key: getattr(cls, TRAINER_ATTRIBUTE.get(key, key)) for key in RECIPE_FIELDS}
@@ -194,7 +198,7 @@ class nnUNetTrainer_nnFormer(BudgetedTrainer):
             settings["layer_decay"],
             settings["warmup_steps"],
             settings["lr_schedule"],
-            self.num_epochs * self.num_iterations_per_epoch,
+            self.total_steps,
             self.num_iterations_per_epoch,
         )
 
@@ -204,8 +208,7 @@ class nnUNetTrainer_nnFormer(BudgetedTrainer):
         _, source = self.nnformer_config(self.configuration_manager, config.in_channels, config.num_classes)
         self.print_to_log_file(f"nnFormer from {source}: {config}", add_timestamp=False)
         settings, recipe = self.recipe_settings()
-        steps = self.num_epochs * self.num_iterations_per_epoch
-        self.print_to_log_file(describe(self.recipe, settings, recipe, steps), add_timestamp=False)
+        self.print_to_log_file(describe(self.recipe, settings, recipe, self.total_steps), add_timestamp=False)
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's step with the encoder frozen while ``iteration < freeze_encoder_steps`` (no
