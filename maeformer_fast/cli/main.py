@@ -43,6 +43,9 @@ PRETRAIN_HELP = {
     "model_overrides": "model config fields to change, as JSON, e.g. the study's 3-stage encoder: "
     '\'{"depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_sizes": [[4, 4, 4], [4, 4, 4], [4, 4, 4]]}\'',
     "progress": "show a progress bar",
+    "holdout": "a split file (`maeformer finetune`'s OUT/splits.json or `maeformer nnunet-split`'s "
+    "splits_final.maeformer.json) whose validation and test cases pretraining leaves out, so that the "
+    "scores on them are not of images the encoder saw (default: every case of --data)",
     "deterministic": "use deterministic kernels so that a resumed run is bit-identical (a bit slower)",
     "tensorboard": "also write TensorBoard events to OUT/tensorboard (losses, lr, validation Dice, previews; "
     'needs pip install -e ".[tensorboard]"); the CSV log is written either way',

@@ -141,7 +141,7 @@ def _pretrain(run: Command) -> Command:
             print(f"pretrain: nnU-Net {config.plans_name} {config.configuration} data of "
                   f"{config.dataset_name} as the cache {cache} (same voxels)", file=sys.stderr)  # fmt: skip
         if args.crop_size is None:
-            unit = get_config(args.model).total_stride
+            unit = get_config(args.model, **(args.model_overrides or {})).total_stride
             args.crop_size = list(pretrain_crop(config.patch_size, unit))
             if int(os.environ.get("RANK", "0")) == 0:
                 print(f"pretrain: crop {tuple(args.crop_size)}: the plans' patch {config.patch_size} "

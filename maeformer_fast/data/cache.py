@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .io import atomic_write_text
+
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
 CASES_DIR = "cases"
@@ -90,3 +92,20 @@ def select_cases(plan: dict[str, Any], cases: list[str] | None, labeled: bool) -
     if not chosen:
         raise ValueError("no cases to load" + (" (no labeled cases in the cache)" if labeled else ""))
     return chosen
+
+
+def cache_view(cache: str | Path, exclude: set[str], view: str | Path) -> Path:
+    """A cache folder ``view`` that lists only the cases of ``cache`` not in ``exclude`` and shares its
+    arrays: a filtered plan.json beside a link to the original ``cases/`` folder, no array copied.
+
+    Everything that draws from a whole cache (pretraining) then never sees the excluded cases.
+    """
+    plan = load_plan(cache)
+    view = Path(view)
+    view.mkdir(parents=True, exist_ok=True)
+    link = view / CASES_DIR
+    if not link.exists():
+        link.symlink_to((Path(cache) / CASES_DIR).resolve(), target_is_directory=True)
+    plan["cases"] = [c for c in plan["cases"] if c["id"] not in exclude]
+    atomic_write_text(view / PLAN_FILE, json.dumps(plan, indent=2))
+    return view

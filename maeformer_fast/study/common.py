@@ -25,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data.cache import CASES_DIR, PLAN_FILE, load_plan
+from ..data.cache import load_plan
 from ..data.io import atomic_write_text
 from ..train.finetune import FinetuneConfig, evaluate_saved, finetune
 from ..train.pretrain import PretrainConfig, pretrain
@@ -148,22 +148,6 @@ def convergence_target(config: StudyConfig, best_val_dice: float) -> float | Non
     plateau's validations would sit below the peak of a run that declines after it, and such a run
     would look fast.)"""
     return best_val_dice if config.protocol == "converged" else None
-
-
-def pretraining_view(cache: Path, exclude: set[str], view: Path) -> Path:
-    """A cache folder that lists only the cases not in ``exclude`` and shares the arrays of ``cache``.
-
-    The pretraining API draws from every case of its cache; a filtered plan.json beside a link to the
-    original ``cases/`` folder keeps the test images out without copying any array.
-    """
-    plan = load_plan(cache)
-    view.mkdir(parents=True, exist_ok=True)
-    link = view / CASES_DIR
-    if not link.exists():
-        link.symlink_to((cache / CASES_DIR).resolve(), target_is_directory=True)
-    plan["cases"] = [c for c in plan["cases"] if c["id"] not in exclude]
-    atomic_write_text(view / PLAN_FILE, json.dumps(plan, indent=2))
-    return view
 
 
 def run_pretraining(config: StudyConfig, folder: Path, data: Path, steps: int, overrides: dict,

@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from ..data.cache import load_plan
+from ..data.cache import cache_view, load_plan
 from ..data.io import atomic_write_text
 from ..train.splits import make_splits
 from .common import (
@@ -23,7 +23,6 @@ from .common import (
     external_test_set,
     parse_arms,
     parse_labeled,
-    pretraining_view,
     run_arm,
     run_pretraining,
 )
@@ -50,7 +49,7 @@ def study(config: StudyConfig) -> StudyResult:
     labeled_cases = [c["id"] for c in plan["cases"] if c["has_label"]]
     splits = make_splits(labeled_cases, config.val_fraction, config.test_fraction, config.split_seed)
     exclude = set(splits.test) if config.exclude_test else set()
-    data = pretraining_view(cache, exclude, out / "pretrain_data") if exclude else cache
+    data = cache_view(cache, exclude, out / "pretrain_data") if exclude else cache
     external = external_test_set(config, out, plan)
     deadline = Deadline(config.max_hours)
     if config.protocol == "converged":

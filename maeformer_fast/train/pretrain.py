@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..data.cache import load_plan
+from ..data.cache import cache_view, load_plan
 from ..data.io import atomic_write_text
 from ..device import autocast, resolve_compile
 from ..models.config import get_config
@@ -22,12 +23,13 @@ from ..models.pretrained import save_encoder
 from ..ops.masking import num_visible_units, visible_mask_grid
 from ..seeds import derive_seed
 from .checkpoint import CheckpointManager, unwrap
-from .distributed import barrier, mean_across_ranks
+from .distributed import DistInfo, barrier, mean_across_ranks
 from .loop import Optimisation, RunConfig, compiles_optimizer_step, prepare_model, setup_run
 from .optim import make_optimizer, make_scheduler, param_groups, warmup_cosine
 from .preemption import Interruption, StopSignals
 from .previews import save_reconstruction_png
 from .runtime import CsvLog, PendingLosses
+from .splits import scored_cases
 from .tensorboard import TensorBoardLog
 
 
@@ -50,6 +52,9 @@ class PretrainConfig(RunConfig):
     decoder_depth: int = 2
     preview_every: int = 100
     log_every: int = 10
+    # A split file (finetune's splits.json, nnunet-split's splits_final.maeformer.json) whose validation
+    # and test cases pretraining leaves out, so that scores on them are not of images the encoder saw
+    holdout: str | None = None
 
 
 @dataclass
@@ -117,6 +122,27 @@ def mae_loss(
         return model(images, visible_ids)
 
 
+def held_out_cache(cache: Path, split_file: str, out: Path, dist_info: DistInfo) -> Path:
+    """``cache`` without the validation and test cases of ``split_file`` (:func:`scored_cases`): a view
+    of it in ``out/pretrain_cases`` sharing its arrays. Every listed case must be in the cache, so that a
+    split of another dataset (which would hold nothing out) is refused rather than ignored."""
+    held = scored_cases(split_file)
+    ids = {c["id"] for c in load_plan(cache)["cases"]}
+    unknown = sorted(held - ids)
+    if unknown:
+        raise ValueError(
+            f"{split_file}: {len(unknown)} of its validation and test cases are not in the data ({cache}), "
+            f"e.g. {unknown[:3]}: a split of another dataset?"
+        )
+    view = out / "pretrain_cases"
+    if dist_info.is_main:
+        cache_view(cache, held, view)
+        print(f"pretrain: the {len(held)} validation and test cases of {split_file} held out; pretraining "
+              f"on the other {len(ids) - len(held)}", file=sys.stderr)  # fmt: skip
+    barrier(dist_info)
+    return view
+
+
 def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) -> PretrainResult:
     """Pretrain; resumes from ``out/checkpoints`` when ``config.resume`` and a checkpoint exists.
 
@@ -131,6 +157,7 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
     if pause is not None and run.dist.enabled:
         raise ValueError("pretrain: pause needs a single process (its decision is not shared across ranks)")
     device, precision, dist_info, out = run.device, run.precision, run.dist, run.out
+    cache = held_out_cache(run.cache, config.holdout, out, dist_info) if config.holdout else run.cache
 
     torch.manual_seed(config.seed)
     model = build_mae(config, load_plan(run.cache)["num_channels"]).to(device)  # as fine-tuning's plan
@@ -158,7 +185,7 @@ def pretrain(config: PretrainConfig, pause: Callable[[], bool] | None = None) ->
     board = TensorBoardLog(out / "tensorboard", config.tensorboard and dist_info.is_main, start_step or None)
 
     loader = make_loader(
-        run.cache, crop, config.batch_size, labeled=False, backend=config.loader, device=device,
+        cache, crop, config.batch_size, labeled=False, backend=config.loader, device=device,
         seed=config.seed, start_step=start_step * micro_steps, rank=dist_info.rank,
         world_size=dist_info.world_size, num_workers=config.num_workers,
         data_on_device=config.data_on_device, mask=(unit_grid, config.mask_ratio),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -57,3 +59,23 @@ def make_splits(
     if not 1 <= count <= len(order):
         raise ValueError(f"labeled={count} but the training pool has {len(order)} labeled cases")
     return Splits(train=sorted(order[:count]), val=sorted(val), test=sorted(test), pool=sorted(pool))
+
+
+def scored_cases(split_file: str | Path) -> set[str]:
+    """The validation and test cases of a split file: ``maeformer finetune``'s ``splits.json`` or
+    ``maeformer nnunet-split``'s ``splits_final.maeformer.json`` (both hold ``val`` and ``test`` lists).
+
+    These are the cases a run is scored on, which pretraining must not see for the score to hold.
+    """
+    path = Path(split_file)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read the split file ({err})") from err
+    lists = [record.get(key) for key in ("val", "test")] if isinstance(record, dict) else [None]
+    if not all(isinstance(cases, list) for cases in lists):
+        raise ValueError(
+            f"{path}: not a split file (no 'val' and 'test' lists); pass a splits.json of `maeformer "
+            "finetune` or a splits_final.maeformer.json of `maeformer nnunet-split`"
+        )
+    return {str(case) for cases in lists for case in cases}

@@ -34,7 +34,6 @@ export nnUNet_extTrainer=$(maeformer nnunet-trainers)
 DATASET=Dataset004_Hippocampus
 PLANS_FOLDER=$nnUNet_preprocessed/$DATASET
 ENCODER=$ROOT/pretrain/encoder.safetensors   # written when the pretraining has finished
-INIT=$ROOT/init.pth
 mkdir -p "$ROOT" "$REPORT"
 exec 9>"$ROOT/run.lock"  # one call at a time per folder: two would train the same runs side by side
 flock -n 9 || { echo "run.sh: another call is working in $ROOT (its run.lock is held)" >&2; exit 1; }
@@ -66,10 +65,13 @@ done
 #    need no encoder beside it, the MAE runs last (skipped until the encoder exists: rerun).
 pretrain_encoder() {
     # On exactly the arrays nnU-Net trains on (the plans' spacing, normalisation and axis order, a
-    # crop of the plans' patch size), with the converged study's 3-stage encoder and settings.
-    local status=0
+    # crop of the plans' patch size), with the converged study's 3-stage encoder and settings, and
+    # without the validation cases every score is taken on (nor the test cases): --holdout reads them
+    # from the first seed's split record (the same fixed cases for every seed).
+    local status=0 split=$ROOT/seed-${SEEDS%% *}/preprocessed/$DATASET/splits_final.maeformer.json
     echo "run.sh: pretraining ($PRETRAIN_STEPS steps)"
     timeout --signal=TERM "$(seconds_left)" maeformer pretrain --data "$PLANS_FOLDER/nnUNetPlans_3d_fullres" \
+        --holdout "$split" \
         --out "$ROOT/pretrain" --steps "$PRETRAIN_STEPS" --mask-ratio 0.6 --batch-size 2 --lr 5e-4 \
         --weight-decay 0.05 --checkpoint-every 500 --preview-every 5000 --num-workers 0 --no-progress \
         --model-overrides '{"depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_sizes": [[4, 4, 4], [4, 4, 4], [4, 4, 4]]}' \
@@ -89,11 +91,13 @@ train_one() {  # seed trainer: one nnU-Net run, started, continued or skipped wh
         start=(--c)
     elif [[ $trainer == *MAE* ]]; then
         [ -f "$ENCODER" ] || { echo "run.sh: seed $seed $trainer waits for the pretraining"; return 0; }
-        # The encoder as a whole-network checkpoint; it records the encoder's architecture in
-        # nnUNetPlans.json (the same as the scratch trainer's default: 3-stage small).
+        # The encoder as a whole-network checkpoint, its decoder and heads drawn by the seed (as the
+        # other arms' random starts differ by run); it records the encoder's architecture in the
+        # shared nnUNetPlans.json (the same as the scratch trainer's default: 3-stage small).
+        local init=$ROOT/seed-$seed/init.pth
         flock "$ROOT/init.lock" bash -c '[ -f "$1" ] || maeformer nnunet-init "$2" --dataset 4 \
-            --configuration 3d_fullres --trainer "$3" --out "$1"' _ "$INIT" "$ENCODER" "$trainer"
-        start=(-pretrained_weights "$INIT")
+            --configuration 3d_fullres --trainer "$3" --seed "$4" --out "$1"' _ "$init" "$ENCODER" "$trainer" "$seed"
+        start=(-pretrained_weights "$init")
     fi
     echo "run.sh: seed $seed $trainer ${start[*]:-(new)}"
     nnUNet_preprocessed=$ROOT/seed-$seed/preprocessed nnUNet_results=$results \
@@ -103,7 +107,7 @@ train_one() {  # seed trainer: one nnU-Net run, started, continued or skipped wh
 
 task() { if [ "$1" = pretrain ]; then pretrain_encoder; else train_one "$@"; fi; }
 export -f task pretrain_encoder train_one seconds_left
-export ROOT DATASET PLANS_FOLDER ENCODER INIT DEADLINE PRETRAIN_STEPS
+export ROOT DATASET PLANS_FOLDER ENCODER DEADLINE PRETRAIN_STEPS SEEDS
 {
     if grep -q MAE <<<"$TRAINERS" && [ ! -f "$ENCODER" ]; then echo pretrain; fi
     for trainer in $TRAINERS; do [[ $trainer == *MAE* ]] || for seed in $SEEDS; do echo "$seed $trainer"; done; done

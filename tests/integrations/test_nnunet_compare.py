@@ -45,14 +45,15 @@ def test_tables_pair_runs_by_their_path_and_match_hand_computed_values(tmp_path:
     text = comparison_markdown(results)
     assert "| nnUNetTrainer_A | 2 | 0.550 ± 0.071 | 0.750 ± 0.071 | 0.650 ± 0.071 |" in text
     assert "| nnUNetTrainer_B | 3 | 0.633 ± 0.208 | 0.767 ± 0.153 | 0.700 ± 0.173 |" in text
-    assert "| seed-2 |  | 0.500 |" in text  # A has no seed 2
+    assert "| seed-2 | 0.500 |  |" in text  # B (higher mean) first; A has no seed 2
     assert "| nnUNetTrainer_B - nnUNetTrainer_A | 2 | +0.150 ± 0.071 | 2 / 2 |" in text
 
 
 def test_nnunet_results_layout_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """In nnU-Net's own results layout the fold path is the run; the command prints the tables and
     writes --out; a summary under no trainer folder and a folder without summaries end with one line
-    naming the path. Mutation seen failing: the run including the trainer folder (no pairs)."""
+    naming the path; the higher-scoring trainer comes first though its name sorts last. Mutations seen
+    failing: the run including the trainer folder (no pairs); trainers in name order (-0.250)."""
     results = tmp_path / "nnUNet_results" / "Dataset004_Hippocampus"
     for trainer, value in (("nnUNetTrainer_500it", 0.5), ("nnUNetTrainer_nnFormer_500it", 0.75)):
         write_summary(results / f"{trainer}__nnUNetPlans__3d_fullres/fold_0/validation/summary.json",
@@ -61,7 +62,7 @@ def test_nnunet_results_layout_and_errors(tmp_path: Path, capsys: pytest.Capture
     assert main(["nnunet-compare", str(tmp_path / "nnUNet_results"), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert printed == out.read_text()
-    assert "| Dataset004_Hippocampus/fold_0/validation | 0.500 | 0.750 |" in printed
+    assert "| Dataset004_Hippocampus/fold_0/validation | 0.750 | 0.500 |" in printed
     assert "| nnUNetTrainer_nnFormer_500it - nnUNetTrainer_500it | 1 | +0.250 | 1 / 1 |" in printed
 
     stray = tmp_path / "stray" / "summary.json"

@@ -25,7 +25,6 @@ from maeformer_fast.data.cache import cached_array, load_plan
 from maeformer_fast.data.loaders import make_sampler
 from maeformer_fast.data.sampling import read_crop
 from maeformer_fast.integrations.nnunet.preprocessed import convert_preprocessed, read_configuration
-from maeformer_fast.models.config import get_config
 from maeformer_fast.models.pretrained import load_encoder
 
 DATASET = "Dataset990_Phantoms"
@@ -104,17 +103,21 @@ def test_pretrain_sees_nnunet_voxels(
 ) -> None:
     """``pretrain --data <configuration folder>`` runs on nnU-Net's arrays unchanged: the cache holds
     them bit for bit, the loaders cut their crops from exactly those values, the plan records the
-    configuration's spacing, and the default crop is the plans' patch rounded up to the mask unit.
+    configuration's spacing, and the default crop is the plans' patch rounded up to the mask unit of
+    the encoder given (the 3-stage one: 8 voxels; the study's 32x48x32 crop holds 96 of its units).
     Mutations seen failing: the image z-scored again in the conversion; the plans' spacing recorded in
-    reverse axis order; the crop rounded down; the image cached transposed to (C, X, Y, Z)."""
+    reverse axis order; the crop rounded down; the image cached transposed to (C, X, Y, Z); the crop
+    rounded to the 4-stage config's unit (16) in spite of --model-overrides."""
     config = nnunet["config"]
-    assert main(["pretrain", "--data", str(config), "--out", str(tmp_path / "pre"), *PRETRAIN]) == 0
+    three_stages = json.dumps({"depths": [2, 2, 2], "num_heads": [2, 4, 8], "window_sizes": [[4, 4, 4]] * 3})
+    command = ["pretrain", "--data", str(config), "--out", str(tmp_path / "pre"), *PRETRAIN]
+    assert main([*command, "--model-overrides", three_stages]) == 0
     assert (tmp_path / "pre" / "encoder.safetensors").is_file()
     assert "rounded up to the mask unit" in capsys.readouterr().err
 
     plans = json.loads((nnunet["dataset"] / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
-    unit = get_config("small").total_stride
-    crop = [math.ceil(p / u) * u for p, u in zip(plans["patch_size"], unit)]
+    crop = [math.ceil(p / 8) * 8 for p in plans["patch_size"]]
+    assert crop != [math.ceil(p / 16) * 16 for p in plans["patch_size"]]  # the test tells the units apart
     assert json.loads((tmp_path / "pre" / "pretrain_config.json").read_text())["crop_size"] == crop
     cache = config.parent / f"{config.name}_maeformer_cache"
     plan = load_plan(cache)

@@ -268,3 +268,24 @@ def test_budget_trainers_set_their_length_on_the_instance(
         budget = (trainer.num_epochs, trainer.num_iterations_per_epoch, trainer.num_val_iterations_per_epoch)
         assert budget == (20, 25, 5) and trainer.save_every == 1, name
     assert module.nnUNetTrainer_nnFormerMAE_500it.recipe == "mae"
+
+
+def test_cpu_trainers_keep_omp_num_threads(nnunet: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``nnUNetv2_train -device cpu`` sets torch to every core before it builds the trainer; with
+    ``OMP_NUM_THREADS=1`` the trainers (nnU-Net's CNN among them) set it back to 1, so runs side by side
+    on one machine get a core each. Mutation seen failing: the ``torch.set_num_threads`` in
+    ``BudgetedTrainer.__init__`` removed."""
+    use_nnunet_folders(nnunet, monkeypatch)
+    from maeformer_fast.integrations.nnunet.trainers import maeformer_nnformer as module
+
+    plans = {**json.loads(nnunet["plans"]), "continue_training": False}
+    dataset_json = json.loads((nnunet["dataset"] / "dataset.json").read_text())
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    before = torch.get_num_threads()
+    try:
+        for name in ("nnUNetTrainer_500it", "nnUNetTrainer_nnFormer_500it"):
+            torch.set_num_threads(2)  # what nnUNetv2_train does on a 2-core machine
+            getattr(module, name)(dict(plans), "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+            assert torch.get_num_threads() == 1, name
+    finally:
+        torch.set_num_threads(before)

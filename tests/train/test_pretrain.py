@@ -1,6 +1,7 @@
 """MAE pretraining: the masked-unit loss falls, and a SIGKILLed run resumes to the same weights."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from maeformer_fast.data import make_loader
+from maeformer_fast.data.cache import load_plan
 from maeformer_fast.models.mae import MaskedAutoencoder
 from maeformer_fast.models.pretrained import load_encoder
 from maeformer_fast.ops.masking import random_unit_mask
@@ -174,3 +176,28 @@ def test_pretraining_runs_on_the_acdc_layout(phantom_cache, tmp_path, encoder):
     result = pretrain(settings)
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert load_encoder(result.encoder_path).config.down_strides == ((1, 2, 2), (2, 2, 2), (2, 2, 2))
+
+
+def test_holdout_keeps_a_splits_scored_cases_out_of_pretraining(phantom_cache, tmp_path):
+    """``holdout``: a split file's validation and test cases are not drawn. Holding out every case
+    leaves nothing to pretrain on (so the loader reads the filtered view); holding out all but one
+    trains on a view listing that one case alone; a case the data lacks (a split of another dataset)
+    and a file that is not a split are refused by name. Mutations seen failing: the loader given
+    ``run.cache`` instead of the view (trains on all cases); ``cache_view`` not filtering the plan."""
+    cases = [c["id"] for c in load_plan(phantom_cache)["cases"]]
+    split = tmp_path / "splits.json"
+    split.write_text(json.dumps({"train": [], "val": cases[:2], "test": cases[2:]}))
+    with pytest.raises(ValueError, match="no cases to load"):
+        pretrain(config(phantom_cache, tmp_path / "none", steps=2, holdout=str(split)))
+
+    split.write_text(json.dumps({"train": [], "val": cases[1:2], "test": cases[2:]}))
+    result = pretrain(config(phantom_cache, tmp_path / "one", steps=2, holdout=str(split)))
+    assert result.steps == 2
+    assert [c["id"] for c in load_plan(tmp_path / "one" / "pretrain_cases")["cases"]] == cases[:1]
+
+    split.write_text(json.dumps({"val": ["case_from_elsewhere"], "test": []}))
+    with pytest.raises(ValueError, match="case_from_elsewhere.*another dataset"):
+        pretrain(config(phantom_cache, tmp_path / "other", steps=2, holdout=str(split)))
+    split.write_text(json.dumps({"train": cases}))
+    with pytest.raises(ValueError, match=f"{split}: not a split file"):
+        pretrain(config(phantom_cache, tmp_path / "bad", steps=2, holdout=str(split)))

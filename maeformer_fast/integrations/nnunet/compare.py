@@ -66,8 +66,15 @@ def _mean_sd(values: list[float], sign: str = "") -> str:
 
 def comparison_markdown(results: list[ValidationResult]) -> str:
     """Markdown tables: Dice per trainer (mean ± sample sd over its runs), the foreground mean Dice of
-    every run, and for each pair of trainers the mean paired difference over the runs both have."""
-    trainers = sorted({r.trainer for r in results})
+    every run, and for each pair of trainers the mean paired difference over the runs both have.
+
+    Trainers go by mean foreground Dice, highest first, and each pair reads "higher - lower", so the
+    differences come out positive whatever the trainers are named."""
+    means = {
+        t: statistics.mean(r.dice["mean"] for r in results if r.trainer == t)
+        for t in {r.trainer for r in results}
+    }
+    trainers = sorted(means, key=lambda t: (-means[t], t))
     labels = sorted({label for r in results for label in r.dice if label != "mean"})
     by_trainer = {t: {r.run: r.dice for r in results if r.trainer == t} for t in trainers}
     lines = [
@@ -88,10 +95,10 @@ def comparison_markdown(results: list[ValidationResult]) -> str:
     for first, second in combinations(trainers, 2):
         shared = [run for run in runs if run in by_trainer[first] and run in by_trainer[second]]
         if shared:
-            differences = [by_trainer[second][run]["mean"] - by_trainer[first][run]["mean"] for run in shared]
+            differences = [by_trainer[first][run]["mean"] - by_trainer[second][run]["mean"] for run in shared]
             wins = sum(difference > 0 for difference in differences)
             mean = _mean_sd(differences, "+")
-            pairs.append(f"| {second} - {first} | {len(shared)} | {mean} | {wins} / {len(shared)} |")
+            pairs.append(f"| {first} - {second} | {len(shared)} | {mean} | {wins} / {len(shared)} |")
     if pairs:
         lines += ["", "Paired differences of the foreground mean Dice (runs both trainers have):", ""]
         lines += ["| difference | runs | mean ± sd | runs where > 0 |", "|---|---|---|---|", *pairs]

@@ -43,6 +43,9 @@ class BudgetedTrainer(nnUNetTrainer):
     """An nnU-Net trainer whose class attributes may replace nnU-Net's training length and checkpoint
     interval, which its ``__init__`` sets on the instance.
 
+    On the CPU it also keeps ``OMP_NUM_THREADS`` where that is set: ``nnUNetv2_train -device cpu`` sets
+    torch to every core, so runs meant to share a machine (one thread each) would compete for all cores.
+
     Attributes:
         short_budget: (epochs, iterations per epoch, validation iterations per epoch) instead of
             nnU-Net's 1000 x 250 (x 50), or None.
@@ -68,6 +71,9 @@ class BudgetedTrainer(nnUNetTrainer):
             )
         if self.save_every_epochs is not None:
             self.save_every = self.save_every_epochs
+        threads = os.environ.get("OMP_NUM_THREADS", "")
+        if self.device.type == "cpu" and threads.isdigit() and int(threads) > 0:
+            torch.set_num_threads(int(threads))
 
 
 class nnUNetTrainer_nnFormer(BudgetedTrainer):
@@ -105,9 +111,10 @@ class nnUNetTrainer_nnFormer(BudgetedTrainer):
     plans) they are a starting point, not a tuned optimum. The log's first lines give the values used.
 
     Deep supervision: the heads' outputs at [1, 1/s_1, 1/(s_1 s_2)] of the patch (s_i the encoder's
-    downsampling strides), with the scales nnU-Net's target downsampling needs (see
-    ``network.deep_supervision_scales``) and loss weights 1, 1/2, 1/4 normalised -- every head, as the
-    official nnFormer (nnU-Net drops its lowest output; here that head would never train).
+    downsampling strides; 2 heads for the 3-stage small config, 3 for 4 stages), with the scales
+    nnU-Net's target downsampling needs (see ``network.deep_supervision_scales``) and loss weights 1,
+    1/2, 1/4, ... normalised (2/3, 1/3 for two heads) -- every head, as the official nnFormer (nnU-Net
+    drops its lowest output; here that head would never train).
 
     ``torch.compile`` follows ``nnUNet_compile`` when it is set and maeformer's default otherwise
     (off until measured faster, ``device.COMPILE_BY_DEFAULT_ON_CUDA``), not nnU-Net's default (on).
