@@ -70,21 +70,24 @@ def comparison_markdown(results: list[ValidationResult]) -> str:
 
     Trainers go by mean foreground Dice, highest first, and each pair reads "higher - lower", so the
     differences come out positive whatever the trainers are named."""
-    means = {
-        t: statistics.mean(r.dice["mean"] for r in results if r.trainer == t)
-        for t in {r.trainer for r in results}
-    }
-    trainers = sorted(means, key=lambda t: (-means[t], t))
+    by_trainer: dict[str, dict[str, dict[str, float]]] = {}
+    for r in results:
+        by_trainer.setdefault(r.trainer, {})[r.run] = r.dice
+
+    def rank(trainer: str) -> tuple[float, str]:
+        return -statistics.mean(dice["mean"] for dice in by_trainer[trainer].values()), trainer
+
+    trainers = sorted(by_trainer, key=rank)
     labels = sorted({label for r in results for label in r.dice if label != "mean"})
-    by_trainer = {t: {r.run: r.dice for r in results if r.trainer == t} for t in trainers}
     lines = [
         "| trainer | runs | " + " | ".join(f"Dice {label}" for label in labels) + " | Dice foreground mean |",
         "|---|---|" + "---|" * (len(labels) + 1),
     ]
-    for trainer, runs in by_trainer.items():
-        cells = [_mean_sd([dice[label] for dice in runs.values() if label in dice]) for label in labels]
-        cells.append(_mean_sd([dice["mean"] for dice in runs.values()]))
-        lines.append(f"| {trainer} | {len(runs)} | " + " | ".join(cells) + " |")
+    for trainer in trainers:
+        dices = list(by_trainer[trainer].values())
+        cells = [_mean_sd([dice[label] for dice in dices if label in dice]) for label in labels]
+        cells.append(_mean_sd([dice["mean"] for dice in dices]))
+        lines.append(f"| {trainer} | {len(dices)} | " + " | ".join(cells) + " |")
     runs = sorted({r.run for r in results})
     lines += ["", "Foreground mean Dice per run:", "", "| run | " + " | ".join(trainers) + " |",
               "|---|" + "---|" * len(trainers)]  # fmt: skip
