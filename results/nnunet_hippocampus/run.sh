@@ -61,8 +61,9 @@ for seed in $SEEDS; do
     maeformer nnunet-split --dataset "$view" --labeled 2 --seed "$seed" >/dev/null
 done
 
-# 3. The work, JOBS tasks at a time: the pretraining first (where a trainer needs it), the runs that
-#    need no encoder beside it, the MAE runs last (skipped until the encoder exists: rerun).
+# 3. The work, JOBS tasks at a time: the pretraining first (where a trainer needs it), then seed by
+#    seed (so that a chunk ends with whole seeds, each a paired comparison) the runs that need no
+#    encoder and that seed's MAE run (skipped while the encoder does not exist yet: rerun).
 pretrain_encoder() {
     # On exactly the arrays nnU-Net trains on (the plans' spacing, normalisation and axis order, a
     # crop of the plans' patch size), with the converged study's 3-stage encoder and settings, and
@@ -110,8 +111,10 @@ export -f task pretrain_encoder train_one seconds_left
 export ROOT DATASET PLANS_FOLDER ENCODER DEADLINE PRETRAIN_STEPS SEEDS
 {
     if grep -q MAE <<<"$TRAINERS" && [ ! -f "$ENCODER" ]; then echo pretrain; fi
-    for trainer in $TRAINERS; do [[ $trainer == *MAE* ]] || for seed in $SEEDS; do echo "$seed $trainer"; done; done
-    for trainer in $TRAINERS; do [[ $trainer != *MAE* ]] || for seed in $SEEDS; do echo "$seed $trainer"; done; done
+    for seed in $SEEDS; do
+        for trainer in $TRAINERS; do [[ $trainer == *MAE* ]] || echo "$seed $trainer"; done
+        for trainer in $TRAINERS; do [[ $trainer != *MAE* ]] || echo "$seed $trainer"; done
+    done
 } | xargs -P "$JOBS" -L 1 bash -c 'task "$@"' _
 
 # 4. Records (nnU-Net's logs, progress plots, validation summaries; no weights) and results.md.
