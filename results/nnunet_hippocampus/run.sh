@@ -25,7 +25,8 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-20000}   # the converged study's long pretraini
 # The trainers compared; the one whose name has "MAE" starts from the pretrained encoder. (A rehearsal of
 # this script: TRAINERS="nnUNetTrainer_nnFormer_5epochs nnUNetTrainer_nnFormerMAE_5epochs" SEEDS=0
 # PRETRAIN_STEPS=20 ROOT=/tmp/rehearsal REPORT=/tmp/rehearsal/report.)
-TRAINERS=${TRAINERS:-"nnUNetTrainer_500it nnUNetTrainer_nnFormer_500it nnUNetTrainer_nnFormerMAE_500it"}
+# Seed by seed they run in this order (scratch and MAE first: the comparison the study is about).
+TRAINERS=${TRAINERS:-"nnUNetTrainer_nnFormer_500it nnUNetTrainer_nnFormerMAE_500it nnUNetTrainer_500it"}
 DEADLINE=$(python3 -c "import time; print(int(time.time() + 3600 * float('$HOURS')))")
 export nnUNet_raw=$ROOT/raw nnUNet_preprocessed=$ROOT/preprocessed nnUNet_results=$ROOT/results
 # One core per run: augmentation in the training process, one worker for preprocessing and export.
@@ -62,8 +63,9 @@ for seed in $SEEDS; do
 done
 
 # 3. The work, JOBS tasks at a time: the pretraining first (where a trainer needs it), then seed by
-#    seed (so that a chunk ends with whole seeds, each a paired comparison) the runs that need no
-#    encoder and that seed's MAE run (skipped while the encoder does not exist yet: rerun).
+#    seed (so that a chunk ends with whole seeds, each a paired comparison) each trainer's run in the
+#    order of TRAINERS. An MAE run taken up while this call's pretraining runs waits for its end (a
+#    core idle meanwhile), and is skipped (rerun) if the pretraining stopped unfinished.
 pretrain_encoder() {
     # On exactly the arrays nnU-Net trains on (the plans' spacing, normalisation and axis order, a
     # crop of the plans' patch size), with the converged study's 3-stage encoder and settings, and
@@ -79,6 +81,7 @@ pretrain_encoder() {
         --resume auto >>"$ROOT/pretrain.log" 2>&1 || status=$?
     # 75: stopped by the time limit's SIGTERM after a checkpoint; the next call continues it
     [ "$status" -eq 0 ] || echo "run.sh: pretraining stopped (exit $status); rerun to continue"
+    touch "$ROOT/pretrain.ended"
 }
 
 train_one() {  # seed trainer: one nnU-Net run, started, continued or skipped when validated
@@ -91,6 +94,7 @@ train_one() {  # seed trainer: one nnU-Net run, started, continued or skipped wh
     if [ -f "$fold/checkpoint_latest.pth" ] || [ -f "$fold/checkpoint_final.pth" ]; then
         start=(--c)
     elif [[ $trainer == *MAE* ]]; then
+        until [ -f "$ENCODER" ] || [ -f "$ROOT/pretrain.ended" ]; do sleep 20; done
         [ -f "$ENCODER" ] || { echo "run.sh: seed $seed $trainer waits for the pretraining"; return 0; }
         # The encoder as a whole-network checkpoint, its decoder and heads drawn by the seed (as the
         # other arms' random starts differ by run); it records the encoder's architecture in the
@@ -109,12 +113,10 @@ train_one() {  # seed trainer: one nnU-Net run, started, continued or skipped wh
 task() { if [ "$1" = pretrain ]; then pretrain_encoder; else train_one "$@"; fi; }
 export -f task pretrain_encoder train_one seconds_left
 export ROOT DATASET PLANS_FOLDER ENCODER DEADLINE PRETRAIN_STEPS SEEDS
+rm -f "$ROOT/pretrain.ended"
 {
-    if grep -q MAE <<<"$TRAINERS" && [ ! -f "$ENCODER" ]; then echo pretrain; fi
-    for seed in $SEEDS; do
-        for trainer in $TRAINERS; do [[ $trainer == *MAE* ]] || echo "$seed $trainer"; done
-        for trainer in $TRAINERS; do [[ $trainer != *MAE* ]] || echo "$seed $trainer"; done
-    done
+    if grep -q MAE <<<"$TRAINERS" && [ ! -f "$ENCODER" ]; then echo pretrain; else touch "$ROOT/pretrain.ended"; fi
+    for seed in $SEEDS; do for trainer in $TRAINERS; do echo "$seed $trainer"; done; done
 } | xargs -P "$JOBS" -L 1 bash -c 'task "$@"' _
 
 # 4. Records (nnU-Net's logs, progress plots, validation summaries; no weights) and results.md.
