@@ -71,7 +71,7 @@ FINETUNE_HELP = {
     "model": "model config: small, synapse, acdc, tumor (default: with --init the encoder file's settings, "
     "else small)",
     "recipe": "defaults for the optimisation options left unset: mae (lr 3e-3, warmup 1000, layer decay "
-    "0.75, encoder frozen 500 steps), scratch (lr 2e-2, warmup 1000) -- the converged hippocampus study's "
+    "0.75, encoder frozen 500 steps), scratch (lr 5e-3, warmup 1000) -- the converged hippocampus study's "
     "choices, constant lr with --until-plateau, cosine decay over a fixed --steps -- or none (the "
     "optimizer's defaults); auto: mae with --init, else scratch (default: auto)",
     "steps": "optimizer steps; with --until-plateau the maximum (default: 300, or with --until-plateau "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -160,10 +161,10 @@ def test_predict_writes_label_maps_in_the_input_geometry(nnunet: dict, mae_run: 
 
 def test_scratch_trainer_runs_with_its_default_nnformer(nnunet: dict) -> None:
     """``nnUNetTrainer_nnFormer_5epochs`` trains on plans without an entry: it builds the trainers'
-    default nnFormer and warms up to the scratch recipe's lr 2e-2 (epoch 4 starts at step 40:
-    2e-2 x 41 / 1000), and its log says which recipe and what the 5-epoch class changed in it (the
-    warmup a 50-step budget would get, 12, kept at 1000). Mutation seen failing: the scratch trainer
-    with the MAE recipe's lr (3e-3)."""
+    default nnFormer and warms up to the scratch recipe's lr 5e-3 (epoch E starts at step 10 E: lr
+    5e-3 x (10 E + 1) / 1000, which nnU-Net logs rounded to 5 decimals), and its log says which recipe
+    and what the 5-epoch class changed in it (the warmup a 50-step budget would get, 12, kept at 1000).
+    Mutation seen failing: the scratch trainer with the MAE recipe's lr (3e-3)."""
     plans = plans_copy(nnunet, "nnUNetPlansScratch")
     trainer = "nnUNetTrainer_nnFormer_5epochs"
     run(
@@ -184,7 +185,8 @@ def test_scratch_trainer_runs_with_its_default_nnformer(nnunet: dict) -> None:
     assert weights["encoder.patch_embed.layers.3.conv.weight"].shape[0] == 32
     log = next(fold.glob("training_log_*.txt")).read_text()
     assert "nnFormer from the trainer's default" in log
-    assert "Current learning rate: 0.00082" in log
+    logged = [float(lr) for lr in re.findall(r"Current learning rate: ([0-9.e-]+)", log)]
+    assert logged == pytest.approx([5e-3 * (10 * epoch + 1) / 1000 for epoch in range(5)], abs=5.1e-6)
     assert "recipe scratch (" in log and "set by the run instead: warmup_steps (recipe: 12)" in log
 
 

@@ -94,7 +94,7 @@ class nnUNetTrainer_nnFormer(BudgetedTrainer):
             the peak lr scaled by sqrt(plans batch size / 2), a cosine decay to 0 at the last step
             (nnU-Net predicts with its final checkpoint), and for a budget under four warmups a
             warmup of a quarter of it, the encoder frozen for the study's share of the warmup.
-            "scratch" here (lr 2e-2, warmup 1000, weight decay 0.01).
+            "scratch" here (lr 5e-3, warmup 1000, weight decay 0.01).
         initial_lr: peak AdamW learning rate after the warmup. nnU-Net's ``__init__`` sets its own
             SGD value on the instance; ``configure_optimizers`` replaces it with the one used.
         weight_decay: AdamW's decoupled weight decay, not on norms, biases and bias tables.
