@@ -95,7 +95,7 @@ train_one() {  # seed trainer: one nnU-Net run, started, continued or skipped wh
         start=(--c)
     elif [[ $trainer == *MAE* ]]; then
         until [ -f "$ENCODER" ] || [ -f "$ROOT/pretrain.ended" ]; do sleep 20; done
-        [ -f "$ENCODER" ] || { echo "run.sh: seed $seed $trainer waits for the pretraining"; return 0; }
+        [ -f "$ENCODER" ] || { echo "run.sh: seed $seed $trainer left for a later call (the pretraining stopped unfinished)"; return 0; }
         # The encoder as a whole-network checkpoint, its decoder and heads drawn by the seed (as the
         # other arms' random starts differ by run); it records the encoder's architecture in the
         # shared nnUNetPlans.json (the same as the scratch trainer's default: 3-stage small).
@@ -115,7 +115,7 @@ export -f task pretrain_encoder train_one seconds_left
 export ROOT DATASET PLANS_FOLDER ENCODER DEADLINE PRETRAIN_STEPS SEEDS
 rm -f "$ROOT/pretrain.ended"
 {
-    if grep -q MAE <<<"$TRAINERS" && [ ! -f "$ENCODER" ]; then echo pretrain; else touch "$ROOT/pretrain.ended"; fi
+    if grep -q MAE <<<"$TRAINERS" && [ ! -f "$ENCODER" ]; then echo pretrain; fi
     for seed in $SEEDS; do for trainer in $TRAINERS; do echo "$seed $trainer"; done; done
 } | xargs -P "$JOBS" -L 1 bash -c 'task "$@"' _
 
