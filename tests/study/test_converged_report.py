@@ -15,6 +15,7 @@ from maeformer_fast.study.converged_report import (
     SUPERSEDED_SCRATCH,
     scratch_recipes,
     scratch_tuning,
+    validation_baseline,
 )
 from maeformer_fast.study.run import study
 
@@ -142,10 +143,16 @@ def test_old_and_new_scratch_arms_side_by_side(study_folder, tmp_path):
     assert [r["recipe"]["lr"] for r in runs if r["arm"] == OLD_SCRATCH] == [0.005] * 4
 
     text = result.files["report"].read_text()
-    assert "scratch (fair recipe): 3 of 4 arms finished." in text
+    assert "scratch (re-tuned recipe): 3 of 4 arms finished." in text
+    # best validation Dice = test Dice + 0.05 (arm_record): labeled 1 scratch 0.725, old (0.65 + 0.83) / 2;
+    # labeled 2 scratch seed 0 alone 0.85, old (0.75 + 1.00) / 2
+    assert (
+        "per labeled count (the stronger baseline, chosen without the test split): "
+        f"1 `{OLD_SCRATCH}` (0.740 against 0.725); 2 `{OLD_SCRATCH}` (0.875 against 0.850)." in text
+    )
     table = text[text.index("| labeled | mae |") :].splitlines()[:4]
     assert table[0] == (
-        "| labeled | mae | mae_short | scratch | scratch, old recipe (lr 0.005, superseded) | "
+        "| labeled | mae | mae_short | scratch | scratch, first recipe (lr 0.005) | "
         "mae - scratch | mae_short - scratch | mae - mae_short | mae - scratch_lr5e-3 |"
     )
     assert table[2] == (
@@ -211,6 +218,23 @@ def test_without_superseded_arms_the_report_is_as_before(study_folder, tmp_path)
         == "| labeled | mae | mae_short | scratch | mae - scratch | mae_short - scratch | mae - mae_short |"
     )
     assert table[3] == "| 2 | 0.875 ± 0.035 | n/a | 0.800 | +0.050 (1 of 1) | n/a | n/a |"
-    assert "Tuning budgets" not in text and "fair recipe" not in text and OLD_SCRATCH not in text
+    assert "Tuning budgets" not in text and "re-tuned recipe" not in text and OLD_SCRATCH not in text
     assert "scratch_tuning" not in json.loads(result.files["record"].read_text())
     assert {e["comparison"] for e in json.loads(result.files["effects"].read_text())} == {"mae - scratch"}
+
+
+def test_validation_baseline_picks_the_higher_mean_best_validation_dice():
+    """Hand-made summary: at 1 labeled case the re-tuned recipe validated higher (0.70 > 0.68), at 2
+    the first one (0.85 > 0.80); 4 has no scratch arms and is left out. Mutations caught: the lower
+    one picked (tried: ``new < old``), the first recipe always named (tried: ``arm = OLD_SCRATCH``),
+    a count without both recipes listed (tried: no ``continue``: TypeError on None)."""
+    summary = [
+        {"labeled": 1, "arm": "scratch", "best_val_dice": (0.70, 0.01)},
+        {"labeled": 1, "arm": OLD_SCRATCH, "best_val_dice": (0.68, 0.02)},
+        {"labeled": 2, "arm": "scratch", "best_val_dice": (0.80, 0.01)},
+        {"labeled": 2, "arm": OLD_SCRATCH, "best_val_dice": (0.85, 0.02)},
+        {"labeled": 4, "arm": "mae", "best_val_dice": (0.90, 0.01)},
+    ]
+    assert validation_baseline(summary).endswith(
+        f"1 `scratch` (0.700 against 0.680); 2 `{OLD_SCRATCH}` (0.850 against 0.800)."
+    )
